@@ -1,0 +1,1 @@
+"""riskwire package."""
