@@ -1,0 +1,52 @@
+# riskwire — the two commands: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODELS ?= models
+MODEL_NAME ?= fraud
+DEMO_ROWS ?= 300000
+DEMO_DATA ?= data/demo-$(DEMO_ROWS).parquet
+
+.PHONY: install test lint format model bench bench-smoke clean
+
+install: $(VENV)/.installed
+
+# Re-install when the project metadata changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+$(DEMO_DATA): | install
+	mkdir -p $(dir $@)
+	$(BIN)/riskwire data synth --rows $(DEMO_ROWS) --seed 7 --out $@
+
+# Builds the demo model unless one already exists in $(MODELS)/$(MODEL_NAME).
+model: install
+	@if ls -d $(MODELS)/$(MODEL_NAME)/[0-9]* >/dev/null 2>&1; then \
+		echo "model $(MODEL_NAME) already in $(MODELS)/ (make clean-models to rebuild)"; \
+	else \
+		$(MAKE) --no-print-directory $(DEMO_DATA) && \
+		$(BIN)/riskwire build --data $(DEMO_DATA) --name $(MODEL_NAME) --models $(MODELS); \
+	fi
+
+bench: model
+	$(BIN)/python perf/bench_kernels.py --model $$(ls -d $(MODELS)/$(MODEL_NAME)/[0-9]* | sort -t/ -k3 -n | tail -1)/model.txt
+
+bench-smoke: install
+	$(BIN)/python perf/bench_kernels.py --smoke
+
+clean:
+	rm -rf .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,148 @@
+"""The ``riskwire`` command line.
+
+    riskwire data synth --rows N --seed S --out FILE
+    riskwire build --data FILE --name NAME [--config build.toml] [--models DIR] [--force]
+    riskwire runs list [--models DIR] [--json]
+    riskwire package verify PATH
+
+Heavy modules are imported inside each command so ``riskwire --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _models_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="models directory (default: $RISKWIRE_MODELS or ./models)",
+    )
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from riskwire.pipeline import synth
+
+    started = time.perf_counter()
+    table = synth.generate(args.rows, seed=args.seed)
+    synth.write(table, args.out)
+    fraud = sum(table.column("label").to_pylist())
+    print(
+        f"wrote {table.num_rows} rows ({fraud} fraud, {fraud / table.num_rows:.2%}) "
+        f"to {args.out} in {time.perf_counter() - started:.1f}s"
+    )
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from riskwire.pipeline.build import build
+    from riskwire.pipeline.config import load_config
+
+    result = build(
+        args.data,
+        name=args.name,
+        models=args.models,
+        config=load_config(args.config),
+        force=args.force,
+        log=lambda message: print(message, flush=True),
+    )
+    metrics = result.run["metrics"]
+    state = "reused" if result.reused else "built"
+    print(
+        f"{state} {result.name} v{result.version} at {result.path}: "
+        f"test ROC AUC {metrics['roc_auc']:.4f}"
+    )
+    return 0
+
+
+def _cmd_runs_list(args: argparse.Namespace) -> int:
+    from riskwire.pipeline.package import models_dir
+    from riskwire.pipeline.runs import format_runs, read_runs
+
+    runs = read_runs(models_dir(args.models))
+    if args.json:
+        for run in runs:
+            print(json.dumps(run, sort_keys=True))
+    elif runs:
+        print(format_runs(runs))
+    else:
+        print("no runs recorded yet")
+    return 0
+
+
+def _cmd_package_verify(args: argparse.Namespace) -> int:
+    from riskwire.pipeline.package import load_package
+
+    package = load_package(args.path)
+    print(
+        f"ok: {package.name} v{package.version}, {package.forest.num_trees()} trees, "
+        f"{len(package.metadata['model']['feature_names'])} features"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="riskwire", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="data sources").add_subparsers(
+        dest="data_command", required=True
+    )
+    synth = data.add_parser("synth", help="generate synthetic fraud-style transactions")
+    synth.add_argument("--rows", type=int, default=200_000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="output file (.parquet or .csv)")
+    synth.set_defaults(handler=_cmd_data_synth)
+
+    build = commands.add_parser("build", help="build a model package from raw data")
+    build.add_argument("--data", required=True, help="raw transactions (.parquet or .csv)")
+    build.add_argument("--name", default="fraud", help="model name (default: fraud)")
+    build.add_argument("--config", default=None, help="build config TOML")
+    build.add_argument(
+        "--force",
+        action="store_true",
+        help="retrain even if a run with the same data and config exists",
+    )
+    _models_arg(build)
+    build.set_defaults(handler=_cmd_build)
+
+    runs = commands.add_parser("runs", help="the run registry").add_subparsers(
+        dest="runs_command", required=True
+    )
+    runs_list = runs.add_parser("list", help="list recorded builds")
+    runs_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    _models_arg(runs_list)
+    runs_list.set_defaults(handler=_cmd_runs_list)
+
+    package = commands.add_parser("package", help="model packages").add_subparsers(
+        dest="package_command", required=True
+    )
+    verify = package.add_parser("verify", help="check a package's manifest and load it")
+    verify.add_argument("path")
+    verify.set_defaults(handler=_cmd_package_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``riskwire`` console script."""
+    from riskwire.pipeline.errors import PipelineError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PipelineError as exc:
+        print(f"riskwire: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""card.md: the model card written into every package."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from riskwire.kernels.schema import NUM_FEATURES
+
+_TEMPLATE = """# Model card: {name} v{version}
+
+## Intended use
+Real-time scoring of card payments for fraud risk. The model returns a probability
+that a transaction is fraudulent; riskwire maps it to a decision with the thresholds
+below. It supports, and does not replace, human review: `review` decisions go to an
+analyst, `decline` decisions should be explainable to the cardholder on request.
+
+- **Risk category:** high (automated decisions on payments affect customers directly;
+  changes to thresholds or promotions need an approval).
+- **Owner:** fraud-risk ML team (set `owner` in the build config for your team).
+- **Users:** payment and checkout services calling riskwire over gRPC.
+
+## Model
+LightGBM binary classifier on {num_features} features (stateless transaction fields and
+per-card history: decayed counts and amounts over 1 h / 24 h / 7 d, time since the
+previous payment, amount relative to the card's usual, new merchant and country flags).
+Served by riskwire's compiled forest kernel, which reproduces LightGBM's raw scores
+within 1e-9.
+
+## Data
+Training data SHA-256 `{data_sha256}`. Time-ordered split (no shuffling: the model is
+always evaluated on payments later than those it learned from):
+
+| split | rows | first event | last event |
+|---|---:|---|---|
+{split_rows}
+
+## Evaluation (test split)
+| metric | value |
+|---|---:|
+| ROC AUC | {roc_auc:.4f} |
+| PR AUC (average precision) | {pr_auc:.4f} |
+| recall at 1% false-positive rate | {recall:.4f} |
+| Brier score | {brier:.5f} |
+| fraud rate | {fraud_rate:.4%} |
+
+## Decisions
+| decision | score | test recall | test false-positive rate | test precision |
+|---|---:|---:|---:|---:|
+| review or worse | ≥ {review:.6f} | {rv_recall:.3f} | {rv_fpr:.4f} | {rv_precision:.3f} |
+| decline | ≥ {decline:.6f} | {dc_recall:.3f} | {dc_fpr:.4f} | {dc_precision:.3f} |
+
+Thresholds were chosen on the validation split so that {review_target:.2%} of legitimate
+payments go to review or worse and {decline_target:.2%} are declined.
+
+## Limitations
+- Trained on the data above only; fraud patterns change. Watch the drift monitors (input,
+  feature and score distributions against profile.json) and the delayed-label metrics.
+- Per-card features need the card's history: the first payments of a card carry less
+  signal, and restoring the server without its state snapshot degrades them.
+- Card ids are hashed before use; no personal data is stored in the package.
+- Probabilities are calibrated to the training fraud rate; see metrics.json for the
+  calibration table before using them as absolute risk.
+"""
+
+
+def render_card(
+    *,
+    name: str,
+    version: int,
+    metrics: dict[str, Any],
+    thresholds: dict[str, Any],
+    split: dict[str, Any],
+    data_sha256: str,
+) -> str:
+    """Markdown model card for one package (deterministic: no timestamps)."""
+    test = metrics["test"]
+    at = test["at_thresholds"]
+    split_rows = "\n".join(
+        f"| {part} | {info['rows']} | {info['first_event_time']} | {info['last_event_time']} |"
+        for part, info in split.items()
+    )
+    return _TEMPLATE.format(
+        name=name,
+        version=version,
+        num_features=NUM_FEATURES,
+        data_sha256=data_sha256,
+        split_rows=split_rows,
+        roc_auc=test["roc_auc"],
+        pr_auc=test["pr_auc"],
+        recall=test["recall_at_1pct_fpr"],
+        brier=test["brier"],
+        fraud_rate=test["fraud_rate"],
+        review=thresholds["review"],
+        decline=thresholds["decline"],
+        rv_recall=at["review_or_worse"]["recall"],
+        rv_fpr=at["review_or_worse"]["false_positive_rate"],
+        rv_precision=at["review_or_worse"]["precision"],
+        dc_recall=at["decline"]["recall"],
+        dc_fpr=at["decline"]["false_positive_rate"],
+        dc_precision=at["decline"]["precision"],
+        review_target=thresholds["review_fpr_target"],
+        decline_target=thresholds["decline_fpr_target"],
+    )
