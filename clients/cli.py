@@ -4,6 +4,10 @@
     riskwire build --data FILE --name NAME [--config build.toml] [--models DIR] [--force]
     riskwire runs list [--models DIR] [--json]
     riskwire package verify PATH
+    riskwire score [--local] (--json '{...}' | --card-id C --amount A ...)
+    riskwire score-file IN --out OUT [--local]
+    riskwire serve [--host H] [--port P] [--workers N] [--models DIR] [--config FILE]
+                   [--profile dev|test|staging|prod]
 
 Heavy modules are imported inside each command so ``riskwire --help`` stays fast.
 """
@@ -87,6 +91,26 @@ def _cmd_package_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from riskwire.server.config import SettingsError, load_settings
+    from riskwire.server.supervisor import Supervisor
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "models": args.models,
+        "profile": args.profile,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(config_file=args.config, overrides=overrides)
+    except SettingsError as exc:
+        print(f"riskwire: error: {exc}", file=sys.stderr)
+        return 2
+    return Supervisor(settings).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="riskwire", description=__doc__.split("\n")[0])
@@ -127,6 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     verify = package.add_parser("verify", help="check a package's manifest and load it")
     verify.add_argument("path")
     verify.set_defaults(handler=_cmd_package_verify)
+    from . import score_cli
+
+    score = commands.add_parser("score", help="score one transaction")
+    score_cli.add_score_args(score)
+    score.set_defaults(handler=score_cli.cmd_score)
+    score_file = commands.add_parser("score-file", help="score a Parquet/CSV file")
+    score_cli.add_score_file_args(score_file)
+    score_file.set_defaults(handler=score_cli.cmd_score_file)
+
+    serve = commands.add_parser("serve", help="serve models over gRPC")
+    serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 50051)")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: one per core)"
+    )
+    serve.add_argument(
+        "--models", default=None, help="models directory (default: $RISKWIRE_MODELS or ./models)"
+    )
+    serve.add_argument("--config", default=None, help="server config TOML")
+    serve.add_argument("--profile", default=None, choices=("dev", "test", "staging", "prod"))
+    serve.add_argument("--log-level", dest="log_level", default=None)
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 

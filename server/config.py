@@ -1,0 +1,167 @@
+"""Server settings: one frozen dataclass, resolved once at start-up and passed down.
+
+Resolution order, highest first: command-line flag > ``RISKWIRE_<FIELD>`` environment
+variable > the config file (TOML, ``--config``) > the named profile's defaults >
+the ``_DEFAULT`` values below. Only this module reads ``os.environ``.
+
+Profiles: ``dev`` (the default; loopback, verbose), ``test`` (small state, fast
+snapshots), ``staging`` and ``prod`` (all interfaces; prod will refuse to start
+without TLS and authentication once those exist — for now it warns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "RISKWIRE_"
+PROFILES = ("dev", "test", "staging", "prod")
+
+
+class SettingsError(ValueError):
+    """A setting is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of ``riskwire serve``."""
+
+    profile: str = "dev"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 0  # 0 = one per available core
+    threads_per_worker: int = 8  # gRPC handler threads per worker process
+    pin_workers: bool = True  # pin each worker to its own core when cores >= workers
+    models: str = "models"  # models directory (RISKWIRE_MODELS)
+    default_model: str = "fraud"  # model used when a request names none
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_batch_rows: int = 100_000  # ScoreBatch / ModelInfer rows per call
+    max_concurrent_rpcs: int = 0  # per worker; 0 = unlimited (grpc maximum_concurrent_rpcs)
+    state_capacity: int = 1 << 20  # per-card state slots (power of two)
+    state_snapshot: str = ""  # snapshot file; "" = <models>/.state/cards.snapshot
+    snapshot_interval_s: float = 60.0  # 0 disables periodic snapshots
+    grace_period_s: float = 10.0  # SIGTERM: time for in-flight calls to finish
+    restart_backoff_s: float = 0.5  # supervisor: wait before restarting a dead worker
+    default_top_reasons: int = 3
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise SettingsError(f"profile {self.profile!r} is not one of {', '.join(PROFILES)}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port {self.port} is out of range 0..65535")
+        if self.workers < 0 or self.threads_per_worker < 1:
+            raise SettingsError("workers must be >= 0 and threads_per_worker >= 1")
+        if self.state_capacity < 8 or self.state_capacity & (self.state_capacity - 1):
+            raise SettingsError(f"state_capacity {self.state_capacity} must be a power of two")
+        if self.max_batch_rows < 1 or self.max_message_bytes < 1024:
+            raise SettingsError("max_batch_rows must be >= 1 and max_message_bytes >= 1024")
+        if not 0 <= self.default_top_reasons <= 10:
+            raise SettingsError("default_top_reasons must be in 0..10")
+
+    @property
+    def worker_count(self) -> int:
+        """Workers to start: the setting, or the number of cores this process may use."""
+        return self.workers or len(os.sched_getaffinity(0))
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Where per-card state is snapshotted and restored from."""
+        return Path(self.state_snapshot or Path(self.models) / ".state" / "cards.snapshot")
+
+    def warnings(self) -> list[str]:
+        """Loud start-up warnings for risky combinations."""
+        found = []
+        if self.profile == "prod":
+            found.append(
+                "profile prod: TLS and authentication are not available yet; "
+                "do not expose this server beyond a trusted network"
+            )
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            found.append(f"listening on {self.host} without TLS or authentication")
+        return found
+
+
+_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dev": {},
+    "test": {"state_capacity": 1 << 16, "snapshot_interval_s": 5.0, "grace_period_s": 3.0},
+    "staging": {"host": "0.0.0.0"},
+    "prod": {"host": "0.0.0.0", "log_level": "WARNING"},
+}
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Resolve settings from flags (``overrides``), environment, file and profile."""
+    environ = dict(os.environ if environ is None else environ)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    from_file = _read_file(config_file) if config_file else {}
+    from_env = _from_environ(environ)
+    profile = overrides.get("profile") or from_env.get("profile") or from_file.get("profile", "dev")
+    if profile not in PROFILES:
+        raise SettingsError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+    values = {**_PROFILE_DEFAULTS[profile], **from_file, **from_env, **overrides}
+    values["profile"] = profile
+    try:
+        return Settings(**values)
+    except TypeError as exc:
+        raise SettingsError(str(exc)) from exc
+
+
+def _field_types() -> dict[str, type]:
+    hints = get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in fields(Settings)}
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    kind = _field_types()[name]
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    if isinstance(raw, str):
+        try:
+            if kind is bool:
+                lowered = raw.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                return lowered in ("1", "true", "yes", "on")
+            return kind(raw)
+        except ValueError:
+            pass
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    raise SettingsError(f"{source}: {name} must be {kind.__name__}, got {raw!r}")
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+    section = raw.get("server", raw)
+    known = _field_types()
+    unknown = sorted(k for k in section if k not in known)
+    if unknown:
+        raise SettingsError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return {k: _coerce(k, v, str(path)) for k, v in section.items()}
+
+
+def _from_environ(environ: dict[str, str]) -> dict[str, Any]:
+    values = {}
+    for name in _field_types():
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = _coerce(name, environ[key], key)
+    return values
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    """A copy of ``settings`` with some fields changed (validated again)."""
+    return dataclasses.replace(settings, **changes)

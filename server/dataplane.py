@@ -1,0 +1,246 @@
+"""Transport-neutral scoring: validate → encode → features (shared state) → forest → decide.
+
+The gRPC servicers convert protobuf messages to the plain values and columns taken
+here and convert the results back; nothing in this module knows about protobuf.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from riskwire.kernels import encoding
+from riskwire.kernels.encoding import TransactionArrays, encode_columns
+from riskwire.kernels.schema import NUM_FEATURES
+
+from .errors import InvalidInputError, OutputValidationError
+from .registry import ModelRegistry, ModelRuntime
+
+MAX_TOP_REASONS = 10
+# Columns a batch must carry (transaction_id is optional and only echoed back).
+BATCH_COLUMNS = (
+    "card_id", "merchant_id", "mcc", "amount", "currency", "country", "card_country",
+    "channel", "event_time_ms",
+)  # fmt: skip
+
+
+class FeatureState(Protocol):
+    """Per-card state that turns encoded transactions into feature rows."""
+
+    def update(self, tx: TransactionArrays, out: np.ndarray) -> np.ndarray: ...
+
+    def peek(self, tx: TransactionArrays, out: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(slots=True)
+class ScoreOutcome:
+    """Result of one transaction."""
+
+    probability: float
+    decision: str
+    reasons: list[tuple[str, float, float]]  # (feature, contribution, value)
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """Results of a batch; rows listed in ``errors`` have no score (probability NaN)."""
+
+    probabilities: np.ndarray
+    decisions: np.ndarray  # object array of "approve" / "review" / "decline" / ""
+    reasons: list[list[tuple[str, float, float]]] | None
+    errors: dict[int, InvalidInputError]
+
+
+class _Scratch(threading.local):
+    """Per-thread one-row buffers so the single-transaction path allocates nothing."""
+
+    def __init__(self) -> None:
+        self.tx = TransactionArrays(
+            card_key=np.zeros(1, np.uint64),
+            merchant_key=np.zeros(1, np.uint64),
+            event_time_ms=np.zeros(1, np.int64),
+            amount=np.zeros(1, np.float64),
+            mcc=np.zeros(1, np.int32),
+            country=np.zeros(1, np.int32),
+            card_country=np.zeros(1, np.int32),
+            currency=np.zeros(1, np.int32),
+            channel=np.zeros(1, np.int32),
+        )
+        self.features = np.zeros((1, NUM_FEATURES), np.float64)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class DataPlane:
+    """Scores transactions with a model from the registry and the shared card state."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        state: FeatureState,
+        *,
+        default_top_reasons: int = 3,
+        max_batch_rows: int = 100_000,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.registry = registry
+        self._state = state
+        self._default_top_reasons = default_top_reasons
+        self.max_batch_rows = max_batch_rows
+        self._clock_ms = clock_ms
+        self._scratch = _Scratch()
+
+    def model(self, name: str = "", version: str = "") -> ModelRuntime:
+        """The model a request asks for (raises ModelNotFoundError)."""
+        return self.registry.get(name, version)
+
+    def top_reasons_wanted(self, requested: int, *, default: int | None = None) -> int:
+        """Validated reason count: 0 → default, at most MAX_TOP_REASONS."""
+        if requested < 0 or requested > MAX_TOP_REASONS:
+            raise InvalidInputError(
+                f"top_reasons: expected 0..{MAX_TOP_REASONS}, got {requested}",
+                field="top_reasons",
+            )
+        return requested or (self._default_top_reasons if default is None else default)
+
+    def score_one(
+        self,
+        model: ModelRuntime,
+        *,
+        card_id: str,
+        merchant_id: str,
+        mcc: int,
+        amount: float,
+        currency: str,
+        country: str,
+        card_country: str,
+        channel: str,
+        event_time_ms: int,
+        top_reasons: int,
+    ) -> ScoreOutcome:
+        """Score one transaction, updating its card's state."""
+        _check_row(card_id, merchant_id, amount, event_time_ms, "transaction.")
+        scratch = self._scratch
+        tx = scratch.tx
+        tx.card_key[0] = encoding.hash64(card_id)
+        tx.merchant_key[0] = encoding.hash64(merchant_id)
+        tx.event_time_ms[0] = event_time_ms or self._clock_ms()
+        tx.amount[0] = amount
+        tx.mcc[0] = mcc if 0 <= mcc <= encoding.MCC_MAX else encoding.UNKNOWN_CODE
+        tx.country[0] = encoding.COUNTRY_CODES.get(country, encoding.UNKNOWN_CODE)
+        tx.card_country[0] = encoding.COUNTRY_CODES.get(card_country, encoding.UNKNOWN_CODE)
+        tx.currency[0] = encoding.CURRENCY_CODES.get(currency, encoding.UNKNOWN_CODE)
+        tx.channel[0] = encoding.CHANNEL_CODES.get(channel, encoding.UNKNOWN_CODE)
+        features = self._state.update(tx, scratch.features)
+        row = features[0]
+        probability = model.forest.predict_row(row)
+        _check_probability(probability, model)
+        reasons = _reasons(model, row, top_reasons) if top_reasons else []
+        return ScoreOutcome(probability, model.decision(probability), reasons)
+
+    def score_batch(
+        self, model: ModelRuntime, columns: Mapping[str, Sequence], *, top_reasons: int = 0
+    ) -> BatchOutcome:
+        """Score rows in order; invalid rows get an error each and leave the state alone."""
+        rows = len(columns["amount"])
+        if rows > self.max_batch_rows:
+            raise InvalidInputError(
+                f"batch has {rows} rows; at most {self.max_batch_rows} are accepted per call"
+            )
+        errors: dict[int, InvalidInputError] = {}
+        card_ids, merchant_ids = columns["card_id"], columns["merchant_id"]
+        amounts, times = columns["amount"], columns["event_time_ms"]
+        for i in range(rows):
+            try:
+                _check_row(
+                    card_ids[i],
+                    merchant_ids[i],
+                    float(amounts[i]),
+                    int(times[i]),
+                    f"transactions[{i}].",
+                )
+            except InvalidInputError as exc:
+                errors[i] = exc
+        valid = np.array([i for i in range(rows) if i not in errors], dtype=np.int64)
+        probabilities = np.full(rows, np.nan)
+        decisions = np.full(rows, "", dtype=object)
+        reasons: list[list[tuple[str, float, float]]] | None = (
+            [[] for _ in range(rows)] if top_reasons else None
+        )
+        if len(valid):
+            picked = {name: _take(columns[name], valid, len(errors) > 0) for name in BATCH_COLUMNS}
+            event_times = np.asarray(picked.pop("event_time_ms"), dtype=np.int64)
+            event_times = np.where(event_times == 0, self._clock_ms(), event_times)
+            tx = encode_columns({**picked, "event_time": event_times})
+            features = self._state.update(tx, np.empty((len(valid), NUM_FEATURES)))
+            scores = model.forest.predict(features, num_threads=1)
+            _check_probabilities(scores, model)
+            probabilities[valid] = scores
+            decisions[valid] = model.decisions(scores)
+            if reasons is not None:
+                for j, i in enumerate(valid):
+                    reasons[i] = _reasons(model, features[j], top_reasons)
+        return BatchOutcome(probabilities, decisions, reasons, errors)
+
+
+def _take(values: Sequence, index: np.ndarray, subset: bool) -> Sequence:
+    if not subset:
+        return values
+    if isinstance(values, np.ndarray):
+        return values[index]
+    return [values[i] for i in index]
+
+
+def _check_row(
+    card_id: str, merchant_id: str, amount: float, event_time_ms: int, prefix: str
+) -> None:
+    if not card_id:
+        raise InvalidInputError(
+            f"{prefix}card_id: expected a non-empty string, got ''", field=f"{prefix}card_id"
+        )
+    if not merchant_id:
+        raise InvalidInputError(
+            f"{prefix}merchant_id: expected a non-empty string, got ''",
+            field=f"{prefix}merchant_id",
+        )
+    if not (amount >= 0.0 and math.isfinite(amount)):
+        raise InvalidInputError(
+            f"{prefix}amount: expected a finite number >= 0, got {amount!r}",
+            field=f"{prefix}amount",
+        )
+    if event_time_ms < 0:
+        raise InvalidInputError(
+            f"{prefix}event_time_ms: expected epoch milliseconds >= 0 (0 = now), "
+            f"got {event_time_ms}",
+            field=f"{prefix}event_time_ms",
+        )
+
+
+def _check_probability(probability: float, model: ModelRuntime) -> None:
+    if not 0.0 <= probability <= 1.0:
+        raise OutputValidationError(
+            f"model {model.name} v{model.version} produced probability {probability!r}, "
+            "outside [0, 1]; no decision was made"
+        )
+
+
+def _check_probabilities(scores: np.ndarray, model: ModelRuntime) -> None:
+    bad = ~((scores >= 0.0) & (scores <= 1.0))
+    if bad.any():
+        _check_probability(float(scores[np.argmax(bad)]), model)
+
+
+def _reasons(model: ModelRuntime, row: np.ndarray, k: int) -> list[tuple[str, float, float]]:
+    names = model.feature_names
+    return [
+        (names[j], contribution, float(row[j]))
+        for j, contribution in model.forest.top_reasons(row, k)
+    ]

@@ -1,0 +1,74 @@
+"""Domain errors of the server, independent of the transport.
+
+    ServingError                   code
+    ├── InvalidInputError          INVALID_ARGUMENT  (which field, expected, got)
+    ├── ModelNotFoundError         NOT_FOUND
+    ├── NotReadyError              UNAVAILABLE
+    ├── OverloadedError            RESOURCE_EXHAUSTED
+    ├── DeadlineExpiredError       DEADLINE_EXCEEDED
+    └── OutputValidationError      INTERNAL          (a model produced a bad output)
+
+``server/grpc/status.py`` maps them to gRPC status codes in one place; any other
+exception becomes INTERNAL with a generic message (details go to the log only).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(Enum):
+    """Transport-neutral error codes (named like google.rpc.Code)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAVAILABLE = "UNAVAILABLE"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL = "INTERNAL"
+
+
+class ServingError(Exception):
+    """Base of every error a client may see; ``code`` picks the status."""
+
+    code = ErrorCode.INTERNAL
+
+
+class InvalidInputError(ServingError):
+    """The request is malformed: the message names the field, what was expected and got."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ModelNotFoundError(ServingError):
+    """No model (or version) of that name is loaded."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class NotReadyError(ServingError):
+    """The server or model is starting up or shutting down."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class OverloadedError(ServingError):
+    """Too much work in flight; retry later."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExpiredError(ServingError):
+    """The caller's deadline passed before the work started."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class OutputValidationError(ServingError):
+    """The model produced a probability that is not finite or not in [0, 1]."""
+
+    code = ErrorCode.INTERNAL

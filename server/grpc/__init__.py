@@ -1,0 +1,1 @@
+"""gRPC transport: servicers, converters, status mapping, reflection."""

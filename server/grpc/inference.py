@@ -1,0 +1,145 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol v2 (+ Triton extensions)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from riskwire import __version__
+from riskwire.protos import inference_pb2 as pb
+from riskwire.protos import inference_pb2_grpc
+
+from ..dataplane import DataPlane
+from ..errors import InvalidInputError, ModelNotFoundError
+from ..registry import ModelRuntime
+from .status import check_deadline, item_error, unary
+from .tensors import INPUTS, OUTPUT_NAMES, OUTPUTS, decode_inputs, encode_bytes_elements
+
+PLATFORM = "riskwire_lightgbm"
+EXTENSIONS = ("model_configuration",)
+_TRITON_TYPES = {
+    "BYTES": pb.TYPE_STRING, "FP64": pb.TYPE_FP64, "FP32": pb.TYPE_FP32,
+    "INT64": pb.TYPE_INT64, "INT32": pb.TYPE_INT32,
+}  # fmt: skip
+_TensorMeta = pb.ModelMetadataResponse.TensorMetadata
+_OutputTensor = pb.ModelInferResponse.InferOutputTensor
+
+
+class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """Open Inference Protocol v2 on top of :class:`DataPlane`."""
+
+    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool]) -> None:
+        self._dataplane = dataplane
+        self._is_ready = is_ready
+
+    # ---------------------------------------------------------------- health & metadata
+    @unary
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @unary
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    @unary
+    def ModelReady(self, request, context):
+        try:
+            self._dataplane.model(request.name, request.version)
+        except ModelNotFoundError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self._is_ready())
+
+    @unary
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="riskwire", version=__version__, extensions=EXTENSIONS
+        )
+
+    @unary
+    def ModelMetadata(self, request, context):
+        model = self._named_model(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=self._dataplane.registry.versions(model.name),
+            platform=PLATFORM,
+            inputs=[_TensorMeta(name=s.name, datatype=s.datatype, shape=[-1, 1]) for s in INPUTS],
+            outputs=[_TensorMeta(name=n, datatype=d, shape=[-1, 1]) for n, d in OUTPUTS],
+        )
+
+    @unary
+    def ModelConfig(self, request, context):
+        model = self._named_model(request.name, request.version)
+        config = pb.ModelConfig(
+            name=model.name,
+            platform=PLATFORM,
+            backend="riskwire",
+            max_batch_size=min(self._dataplane.max_batch_rows, 2**31 - 1),
+            input=[
+                pb.ModelInput(
+                    name=s.name, data_type=_TRITON_TYPES[s.datatype], dims=[1], optional=s.optional
+                )
+                for s in INPUTS
+            ],
+            output=[
+                pb.ModelOutput(name=n, data_type=_TRITON_TYPES[d], dims=[1]) for n, d in OUTPUTS
+            ],
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    # ---------------------------------------------------------------- inference
+    @unary
+    def ModelInfer(self, request, context):
+        return self._infer(request)
+
+    def ModelStreamInfer(self, request_iterator, context) -> Iterator[pb.ModelStreamInferResponse]:
+        for request in request_iterator:
+            try:
+                check_deadline(context)
+                yield pb.ModelStreamInferResponse(infer_response=self._infer(request))
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
+                _, message = item_error(exc)
+                yield pb.ModelStreamInferResponse(error_message=message)
+
+    def _named_model(self, name: str, version: str) -> ModelRuntime:
+        if not name:
+            raise InvalidInputError("model name is required", field="name")
+        return self._dataplane.model(name, version)
+
+    def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        dataplane = self._dataplane
+        model = self._named_model(request.model_name, request.model_version)
+        wanted = [o.name for o in request.outputs] or list(OUTPUT_NAMES)
+        for name in wanted:
+            if name not in OUTPUT_NAMES:
+                raise InvalidInputError(
+                    f"unknown output '{name}'; the model produces {', '.join(OUTPUT_NAMES)}",
+                    field=name,
+                )
+        columns, rows = decode_inputs(request, dataplane.max_batch_rows)
+        outcome = dataplane.score_batch(model, columns)
+        if outcome.errors:
+            first = min(outcome.errors)
+            more = len(outcome.errors) - 1
+            suffix = f" (and {more} more rows)" if more else ""
+            raise InvalidInputError(f"row {first}: {outcome.errors[first]}{suffix}")
+        shape = [rows, 1] if len(request.inputs[0].shape) == 2 else [rows]
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id
+        )
+        for name in wanted:
+            if name == "probability":
+                content = outcome.probabilities.astype("<f8").tobytes()
+                datatype = "FP64"
+            else:
+                content = encode_bytes_elements(outcome.decisions)
+                datatype = "BYTES"
+            response.outputs.append(_OutputTensor(name=name, datatype=datatype, shape=shape))
+            response.raw_output_contents.append(content)
+        return response
+
+
+def probabilities_from_response(response: pb.ModelInferResponse) -> np.ndarray:
+    """The probability output of a response (for tests and the perf scripts)."""
+    names = [o.name for o in response.outputs]
+    return np.frombuffer(response.raw_output_contents[names.index("probability")], "<f8")

@@ -1,0 +1,64 @@
+"""Map domain errors to gRPC status codes, in one place, for every RPC.
+
+Unary handlers are wrapped with :func:`unary`; it also refuses work whose deadline has
+already passed. Unknown exceptions become INTERNAL with a generic message; the
+traceback goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ..errors import DeadlineExpiredError, ErrorCode, ServingError
+
+log = logging.getLogger(__name__)
+
+GRPC_CODES: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+# google.rpc.Code numbers, for per-item errors inside batch and stream responses.
+RPC_CODE_NUMBERS: dict[ErrorCode, int] = {code: GRPC_CODES[code].value[0] for code in ErrorCode}
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def check_deadline(context: grpc.ServicerContext) -> None:
+    """Raise DeadlineExpiredError when the caller's deadline has already passed."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExpiredError("the call's deadline passed before it was processed")
+
+
+def unary(method: Handler) -> Handler:
+    """Decorator for unary servicer methods: deadline check and error mapping."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            check_deadline(context)
+            return method(self, request, context)
+        except ServingError as exc:
+            context.abort(GRPC_CODES[exc.code], str(exc))
+        except Exception:  # noqa: BLE001 - nothing a client sends may crash a worker
+            log.exception("unexpected error in %s", method.__qualname__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged)")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def item_error(exc: Exception) -> tuple[int, str]:
+    """(google.rpc code number, message) for an error inside a batch or stream item."""
+    if isinstance(exc, ServingError):
+        return RPC_CODE_NUMBERS[exc.code], str(exc)
+    log.exception("unexpected error in a stream item", exc_info=exc)
+    return RPC_CODE_NUMBERS[ErrorCode.INTERNAL], "internal server error (logged)"

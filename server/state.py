@@ -1,0 +1,124 @@
+"""Per-card feature state shared by all worker processes.
+
+The supervisor creates the table in POSIX shared memory (restoring the last snapshot
+if there is one) and a process-shared lock; each worker attaches to both. Every
+feature computation that updates state runs under the lock, so a card's transactions
+are applied one at a time whichever worker receives them — the same sequence the
+offline pass sees, hence the same features. The kernel call is a few microseconds, so
+one lock is not a bottleneck at the request rates a Python process can serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+from multiprocessing import shared_memory
+from multiprocessing.synchronize import Lock
+from pathlib import Path
+
+import numpy as np
+
+from riskwire.kernels.encoding import TransactionArrays
+from riskwire.kernels.features import compute_features, peek_features
+from riskwire.kernels.state import CardStateTable, SnapshotError
+
+log = logging.getLogger(__name__)
+
+
+class SharedCardState:
+    """A card state table in shared memory plus the lock that serialises its writers."""
+
+    def __init__(self, memory: shared_memory.SharedMemory, lock: Lock, *, owner: bool) -> None:
+        self._memory = memory
+        self._lock = lock
+        self._owner = owner
+        self.table = CardStateTable.attach(memory.buf)
+
+    @classmethod
+    def create(cls, capacity: int, lock: Lock, *, snapshot: Path | None = None) -> SharedCardState:
+        """New shared table (supervisor side), restored from ``snapshot`` when it exists."""
+        size = CardStateTable.nbytes_for(capacity)
+        memory = shared_memory.SharedMemory(create=True, size=size)
+        restored = False
+        if snapshot is not None and snapshot.exists():
+            try:
+                CardStateTable.restore_into(snapshot, memory.buf)
+                restored = True
+                log.info("restored card state from %s", snapshot)
+            except (SnapshotError, ValueError, OSError) as exc:
+                log.warning(
+                    "card state snapshot %s not restored (%s); starting empty", snapshot, exc
+                )
+        if not restored:
+            # Fresh shared memory is zero-filled by the kernel: no need to write it.
+            CardStateTable(memory.buf, capacity, zero=False)
+        return cls(memory, lock, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, lock: Lock) -> SharedCardState:
+        """Worker side: map the supervisor's table by its shared-memory name."""
+        memory = shared_memory.SharedMemory(name=name)
+        return cls(memory, lock, owner=False)
+
+    @property
+    def name(self) -> str:
+        """Shared-memory segment name to hand to workers."""
+        return self._memory.name
+
+    @property
+    def lock(self) -> Lock:
+        """The process-shared lock (picklable to spawned workers)."""
+        return self._lock
+
+    def update(self, tx: TransactionArrays, out: np.ndarray) -> np.ndarray:
+        """Features of ``tx`` from each card's state, then apply ``tx`` to the state."""
+        with self._lock:
+            return compute_features(self.table, tx, out)
+
+    def peek(self, tx: TransactionArrays, out: np.ndarray) -> np.ndarray:
+        """Features of ``tx`` without changing any state."""
+        with self._lock:
+            return peek_features(self.table, tx, out)
+
+    def snapshot(self, path: Path) -> None:
+        """Consistent snapshot: copy under the lock, write (atomically) outside it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        copy = np.empty(self.table.nbytes, dtype=np.uint8)
+        with self._lock:
+            copy[:] = np.frombuffer(self._memory.buf, dtype=np.uint8, count=self.table.nbytes)
+        CardStateTable.attach(copy).snapshot(path)
+
+    def close(self) -> None:
+        """Drop this process's mapping; the owner also removes the segment."""
+        self.table = None  # release numpy views before closing the mapping
+        with contextlib.suppress(BufferError):  # a view still alive: unmapped at exit
+            self._memory.close()
+        if self._owner:
+            with contextlib.suppress(FileNotFoundError):
+                self._memory.unlink()
+
+
+def default_snapshot_dir() -> Path:
+    """A writable directory for snapshots when none is configured."""
+    return Path(os.environ.get("TMPDIR", tempfile.gettempdir()))
+
+
+class LocalCardState:
+    """A private (single-process) card state table, for edge scoring and tests."""
+
+    def __init__(self, table: CardStateTable) -> None:
+        self.table = table
+        self._lock = threading.Lock()
+
+    def update(self, tx: TransactionArrays, out: np.ndarray) -> np.ndarray:
+        """Features of ``tx``, then apply ``tx`` to the state."""
+        with self._lock:
+            return compute_features(self.table, tx, out)
+
+    def peek(self, tx: TransactionArrays, out: np.ndarray) -> np.ndarray:
+        """Features of ``tx`` without changing any state."""
+        with self._lock:
+            return peek_features(self.table, tx, out)

@@ -1,0 +1,206 @@
+"""The supervisor: owns shared state, starts N workers, restarts the dead, drains on SIGTERM.
+
+    supervisor ──spawn──▶ worker 0 … worker N-1   (SO_REUSEPORT on one port)
+        │ shared memory: per-card state table + process-shared lock
+        │ events queue: WorkerReady / WorkerFailed
+        └ periodic and final state snapshots
+
+A worker that dies is replaced after ``restart_backoff_s``; a worker that reports a
+start-up failure (bad config, no model) stops the whole server instead of looping.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+
+from .config import Settings, replace
+from .state import SharedCardState
+from .worker import WorkerFailed, WorkerReady, configure_logging, run_worker
+
+log = logging.getLogger("riskwire.supervisor")
+
+
+@dataclass
+class _WorkerSlot:
+    worker_id: int
+    process: BaseProcess | None = None
+    ready: bool = False
+    restarts: int = 0
+    restart_at: float | None = None
+
+
+def _resolve_port(host: str, port: int) -> int:
+    """Pick a concrete free port for ``port == 0`` so every worker binds the same one."""
+    if port:
+        return port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _cpu_plan(workers: int) -> list[int | None]:
+    """Core for each worker when there are enough cores to give each its own."""
+    cores = sorted(os.sched_getaffinity(0))
+    if workers > len(cores):
+        return [None] * workers
+    return cores[:workers]
+
+
+class Supervisor:
+    """Runs the data-plane workers until SIGTERM/SIGINT."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = replace(settings, port=_resolve_port(settings.host, settings.port))
+        self._context = multiprocessing.get_context("spawn")
+        self._events = self._context.Queue()
+        self._stopping = False
+        self._failed: str | None = None
+        self._slots = [_WorkerSlot(i) for i in range(self.settings.worker_count)]
+        cpus = _cpu_plan(len(self._slots)) if self.settings.pin_workers else None
+        self._cpus = cpus or [None] * len(self._slots)
+        self._state: SharedCardState | None = None
+
+    def run(self) -> int:
+        """Serve until asked to stop; returns the process exit status."""
+        settings = self.settings
+        configure_logging(settings.log_level, f"supervisor[{os.getpid()}]")
+        for warning in settings.warnings():
+            log.warning("%s", warning)
+        # One Numba thread per worker: parallelism comes from the processes.
+        os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+        self._state = SharedCardState.create(
+            settings.state_capacity, self._context.Lock(), snapshot=settings.snapshot_path
+        )
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            for slot in self._slots:
+                self._start(slot)
+            self._loop()
+        finally:
+            self._shutdown()
+        return 1 if self._failed else 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self._stopping:
+            log.info("received %s: draining", signal.Signals(signum).name)
+        self._stopping = True
+
+    def _start(self, slot: _WorkerSlot) -> None:
+        assert self._state is not None
+        slot.process = self._context.Process(
+            target=run_worker,
+            args=(
+                slot.worker_id,
+                self.settings,
+                self._state.name,
+                self._state.lock,
+                self._events,
+                self._cpus[slot.worker_id],
+            ),
+            name=f"riskwire-worker-{slot.worker_id}",
+        )
+        slot.process.start()
+        slot.ready, slot.restart_at = False, None
+
+    def _loop(self) -> None:
+        settings = self.settings
+        next_snapshot = time.monotonic() + settings.snapshot_interval_s
+        announced = False
+        while not self._stopping and self._failed is None:
+            sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
+            wait(sentinels, timeout=0.2)
+            self._drain_events()
+            if not announced and all(s.ready for s in self._slots):
+                announced = True
+                log.info(
+                    "serving on %s:%d with %d workers",
+                    settings.host,
+                    settings.port,
+                    len(self._slots),
+                )
+            now = time.monotonic()
+            for slot in self._slots:
+                self._reap(slot, now)
+            if settings.snapshot_interval_s > 0 and now >= next_snapshot:
+                self._snapshot()
+                next_snapshot = now + settings.snapshot_interval_s
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(event, WorkerReady):
+                self._slots[event.worker_id].ready = True
+            elif isinstance(event, WorkerFailed):
+                log.error("worker %d could not start: %s", event.worker_id, event.error)
+                self._failed = event.error
+
+    def _reap(self, slot: _WorkerSlot, now: float) -> None:
+        process = slot.process
+        if process is not None and not process.is_alive():
+            log.warning(
+                "worker %d (pid %s) exited with %s; restarting",
+                slot.worker_id,
+                process.pid,
+                process.exitcode,
+            )
+            process.join()
+            slot.process, slot.ready = None, False
+            slot.restart_at = now + self.settings.restart_backoff_s
+            self._repair_lock()
+        if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
+            slot.restarts += 1
+            self._start(slot)
+
+    def _repair_lock(self) -> None:
+        """A worker killed inside the state lock leaves it held; release it if stuck.
+
+        Feature updates hold the lock for microseconds, so a lock nobody releases within
+        a second after a worker died was held by the dead worker.
+        """
+        assert self._state is not None
+        lock = self._state.lock
+        if lock.acquire(timeout=1.0):
+            lock.release()
+        else:
+            log.warning("state lock was held by the dead worker; releasing it")
+            lock.release()
+
+    def _snapshot(self) -> None:
+        assert self._state is not None
+        path = self.settings.snapshot_path
+        try:
+            self._state.snapshot(path)
+            log.debug("card state snapshot written to %s", path)
+        except OSError as exc:
+            log.error("card state snapshot to %s failed: %s", path, exc)
+
+    def _shutdown(self) -> None:
+        settings = self.settings
+        alive = [s.process for s in self._slots if s.process is not None and s.process.is_alive()]
+        for process in alive:
+            process.terminate()  # SIGTERM: the worker drains within the grace period
+        deadline = time.monotonic() + settings.grace_period_s + 5.0
+        for process in alive:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("worker pid %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join()
+        if self._state is not None:
+            self._snapshot()
+            self._state.close()
+        log.info("stopped")

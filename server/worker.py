@@ -1,0 +1,162 @@
+"""A data-plane worker process: loads models, attaches to shared state, serves gRPC.
+
+Workers are started with the ``spawn`` method by the supervisor, so nothing gRPC-related
+exists in the process before :func:`run_worker` creates its server. All workers bind
+the same port with SO_REUSEPORT and the kernel spreads connections across them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Lock
+from pathlib import Path
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = ("riskwire.v1.Scoring", "inference.GRPCInferenceService")
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """Worker → supervisor: serving on the port (message sent through the events queue)."""
+
+    worker_id: int
+    pid: int
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """Worker → supervisor: could not start; the supervisor stops instead of looping."""
+
+    worker_id: int
+    pid: int
+    error: str  # "module.Class: message"
+
+
+def configure_logging(level: str, tag: str) -> None:
+    """Plain structured-enough stderr logging, one line per record, tagged by process."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {tag} %(name)s: %(message)s",
+    )
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments shared by every worker's server."""
+    return [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def run_worker(
+    worker_id: int,
+    settings: Settings,
+    state_name: str,
+    state_lock: Lock,
+    events: Queue,
+    cpu: int | None,
+) -> None:
+    """Entry point of a worker process (the supervisor's spawn target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
+    configure_logging(settings.log_level, f"worker-{worker_id}[{os.getpid()}]")
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        server, health, state = _build_server(worker_id, settings, state_name, state_lock, events)
+    except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
+        log.exception("worker %d failed to start", worker_id)
+        events.put(
+            WorkerFailed(
+                worker_id, os.getpid(), f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+            )
+        )
+        raise SystemExit(3) from exc
+
+    stopping = threading.Event()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        health.enter_graceful_shutdown()
+        log.info("draining (grace %.1fs)", settings.grace_period_s)
+        server.stop(settings.grace_period_s)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    server.wait_for_termination()
+    state.close()
+    log.info("stopped")
+    logging.shutdown()
+    # Leave without interpreter teardown: numpy views of the shared memory may still be
+    # referenced by gRPC threads, and SharedMemory.__del__ would complain about them.
+    os._exit(0)
+
+
+def _build_server(worker_id, settings, state_name, state_lock, events):  # noqa: ANN001, ANN202
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from riskwire.kernels import features
+    from riskwire.protos import inference_pb2_grpc, scoring_pb2_grpc
+
+    from .dataplane import DataPlane
+    from .grpc.inference import InferenceServicer
+    from .grpc.reflection import enable_reflection
+    from .grpc.scoring import ScoringServicer
+    from .registry import ModelRegistry
+    from .state import SharedCardState
+
+    registry = ModelRegistry(Path(settings.models), settings.default_model)
+    runtimes = registry.load_all()
+    if not runtimes:
+        raise RuntimeError(f"no loadable model package under {settings.models}")
+    state = SharedCardState.attach(state_name, state_lock)
+    features.warmup()
+    for runtime in runtimes:
+        runtime.warmup()
+    dataplane = DataPlane(
+        registry,
+        state,
+        default_top_reasons=settings.default_top_reasons,
+        max_batch_rows=settings.max_batch_rows,
+    )
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=settings.threads_per_worker, thread_name_prefix=f"w{worker_id}"
+        ),
+        options=grpc_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    serving = threading.Event()
+    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(dataplane), server)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(dataplane, serving.is_set), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection([*SERVICE_NAMES, health.SERVICE_NAME], server)
+    address = f"{settings.host}:{settings.port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    server.start()
+    # Models are loaded and every kernel compiled and warmed: report SERVING.
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving.set()
+    events.put(WorkerReady(worker_id, os.getpid(), tuple(registry.names())))
+    log.info("serving %s on %s", ", ".join(r.name + " v" + r.version for r in runtimes), address)
+    return server, health_servicer, state
