@@ -5,10 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= models
 MODEL_NAME ?= fraud
+HOST ?= 127.0.0.1
+PORT ?= 50051
 DEMO_ROWS ?= 300000
 DEMO_DATA ?= data/demo-$(DEMO_ROWS).parquet
 
-.PHONY: install test lint format model bench bench-smoke clean
+.PHONY: install test lint format model serve bench bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +43,10 @@ model: install
 		$(MAKE) --no-print-directory $(DEMO_DATA) && \
 		$(BIN)/riskwire build --data $(DEMO_DATA) --name $(MODEL_NAME) --models $(MODELS); \
 	fi
+
+# Builds the demo model when absent, then serves on 127.0.0.1:50051 (Ctrl-C stops).
+serve: model
+	$(BIN)/riskwire serve --models $(MODELS) --host $(HOST) --port $(PORT)
 
 bench: model
 	$(BIN)/python perf/bench_kernels.py --model $$(ls -d $(MODELS)/$(MODEL_NAME)/[0-9]* | sort -t/ -k3 -n | tail -1)/model.txt

@@ -158,11 +158,15 @@ def load_package(path: str | Path) -> ModelPackage:
             f"{path}: package format {metadata.get('package_format')!r} is not supported "
             f"(this riskwire reads format {PACKAGE_FORMAT})"
         )
+    try:
+        forest = Forest.load(path / "forest.npz")
+    except (ValueError, KeyError, OSError) as exc:
+        raise PackageIntegrityError(f"{path}: forest.npz cannot be loaded: {exc}") from exc
     return ModelPackage(
         path=path,
         name=metadata["name"],
         version=int(metadata["version"]),
-        forest=Forest.load(path / "forest.npz"),
+        forest=forest,
         schema=_read_json(path / "schema.json"),
         profile=_read_json(path / "profile.json"),
         metrics=_read_json(path / "metrics.json"),
