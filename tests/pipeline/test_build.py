@@ -12,37 +12,20 @@ import pytest
 
 from riskwire.kernels.encoding import encode_columns
 from riskwire.kernels.features import compute_features_offline
-from riskwire.pipeline import synth
 from riskwire.pipeline.build import build
-from riskwire.pipeline.config import BuildConfig
 from riskwire.pipeline.data import load_raw
 from riskwire.pipeline.package import MANIFEST_NAME, PACKAGE_FILES, load_package
 from riskwire.pipeline.runs import read_runs
 
-SMALL = {"num_leaves": 15, "learning_rate": 0.1, "min_data_in_leaf": 20}
 
-
-def small_config(**overrides) -> BuildConfig:
-    base = BuildConfig()
-    return BuildConfig(
-        num_boost_round=120,
-        early_stopping_rounds=20,
-        lightgbm={**base.lightgbm, **SMALL},
-        **overrides,
-    )
+@pytest.fixture(scope="module")
+def data_file(synth_data_file) -> Path:
+    return synth_data_file
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tx.parquet"
-    synth.write(synth.generate(40_000, seed=3), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def built(data_file, tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    return build(data_file, name="fraud", models=models, config=small_config()), models
+def built(built_model, models_dir):
+    return built_model, models_dir
 
 
 def test_package_is_complete_verified_and_scores_well(built, data_file) -> None:
@@ -89,7 +72,7 @@ def test_package_forest_reproduces_the_booster(built, data_file) -> None:
     )
 
 
-def test_builds_are_reproducible(built, data_file, tmp_path) -> None:
+def test_builds_are_reproducible(built, data_file, tmp_path, small_config) -> None:
     first, _ = built
     second = build(data_file, name="fraud", models=tmp_path, config=small_config())
     assert (first.path / "model.txt").read_bytes() == (second.path / "model.txt").read_bytes()
@@ -106,15 +89,15 @@ def test_builds_are_reproducible(built, data_file, tmp_path) -> None:
     assert meta[0] == meta[1]
 
 
-def test_same_inputs_reuse_the_run_unless_forced(built, data_file) -> None:
-    first, models = built
-    again = build(data_file, name="fraud", models=models, config=small_config())
-    assert again.reused and again.version == first.version
-    other = build(data_file, name="fraud", models=models, config=small_config(seed=7))
+def test_same_inputs_reuse_the_run_unless_forced(data_file, tmp_path, small_config) -> None:
+    first = build(data_file, name="fraud", models=tmp_path, config=small_config())
+    again = build(data_file, name="fraud", models=tmp_path, config=small_config())
+    assert again.reused and again.version == first.version == 1
+    other = build(data_file, name="fraud", models=tmp_path, config=small_config(seed=7))
     assert not other.reused and other.version == 2
-    forced = build(data_file, name="fraud", models=models, config=small_config(), force=True)
+    forced = build(data_file, name="fraud", models=tmp_path, config=small_config(), force=True)
     assert not forced.reused and forced.version == 3
-    runs = read_runs(models)
+    runs = read_runs(tmp_path)
     assert [r["version"] for r in runs] == [1, 2, 3]
     assert all(r["data_sha256"] == runs[0]["data_sha256"] for r in runs)
 
