@@ -91,11 +91,11 @@ def to_transaction(value: Mapping[str, Any] | scoring_pb2.Transaction) -> scorin
     return scoring_pb2.Transaction(**value)
 
 
-def from_response(response: scoring_pb2.ScoreResponse) -> ScoreResult:
-    """A ScoreResult from a ScoreResponse message."""
+def from_response(response: scoring_pb2.ScoreResponse, request_id: str = "") -> ScoreResult:
+    """A ScoreResult from a ScoreResponse message (batch items take the batch's id)."""
     error = (response.error.code, response.error.message) if response.HasField("error") else None
     return ScoreResult(
-        request_id=response.request_id,
+        request_id=response.request_id or request_id,
         transaction_id=response.transaction_id,
         probability=response.probability,
         decision=_DECISION_NAMES.get(response.decision, ""),
@@ -153,6 +153,9 @@ class _Base:
         self._metadata = tuple(metadata)
         self._options = channel_options(max_attempts, max_message_bytes)
 
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self.timeout_s if timeout_s is None else timeout_s
+
     def _call_metadata(self, metadata: Metadata | None) -> tuple[tuple[str, str], ...]:
         return self._metadata + tuple(metadata or ())
 
@@ -197,7 +200,7 @@ class RiskwireClient(_Base):
         """Score one transaction; raises grpc.RpcError on failure."""
         request = _score_request(transaction, model, version, top_reasons, request_id)
         response = self._stub.Score(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._call_metadata(metadata)
+            request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
         )
         return from_response(response)
 
@@ -215,9 +218,9 @@ class RiskwireClient(_Base):
         """Score many transactions in one call; failed items carry ``error``."""
         request = _batch_request(transactions, model, version, top_reasons, request_id)
         response = self._stub.ScoreBatch(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._call_metadata(metadata)
+            request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
         )
-        return [from_response(r) for r in response.results]
+        return [from_response(r, response.request_id) for r in response.results]
 
     def score_stream(
         self,
@@ -286,7 +289,7 @@ class AsyncRiskwireClient(_Base):
         """Score one transaction; raises grpc.aio.AioRpcError on failure."""
         request = _score_request(transaction, model, version, top_reasons, request_id)
         response = await self._stub.Score(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._call_metadata(metadata)
+            request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
         )
         return from_response(response)
 
@@ -304,9 +307,9 @@ class AsyncRiskwireClient(_Base):
         """Score many transactions in one call."""
         request = _batch_request(transactions, model, version, top_reasons, request_id)
         response = await self._stub.ScoreBatch(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._call_metadata(metadata)
+            request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
         )
-        return [from_response(r) for r in response.results]
+        return [from_response(r, response.request_id) for r in response.results]
 
     async def score_stream(
         self,

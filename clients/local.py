@@ -84,7 +84,8 @@ class LocalScorer:
         messages = [to_transaction(t) for t in transactions]
         runtime = self._dataplane.model(model, version)
         columns = {name: [getattr(m, name) for m in messages] for name in _COLUMNS}
-        outcome = self._dataplane.score_batch(runtime, columns, top_reasons=top_reasons)
+        top = self._dataplane.top_reasons_wanted(top_reasons, default=0)
+        outcome = self._dataplane.score_batch(runtime, columns, top_reasons=top)
         request_id = self._next_id()
         results = []
         for i, message in enumerate(messages):

@@ -66,17 +66,22 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from riskwire.server.errors import ServingError
 
-    transaction: dict[str, Any] = json.loads(args.json_text) if args.json_text else {}
-    for name, _ in FIELD_FLAGS:
-        if getattr(args, name) is not None:
-            transaction[name] = getattr(args, name)
-    scorer = _scorer(args)
     try:
+        try:
+            transaction: dict[str, Any] = json.loads(args.json_text) if args.json_text else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json is not valid JSON: {exc}") from None
+        if not isinstance(transaction, dict):
+            raise ValueError("--json must be a JSON object of transaction fields")
+        for name, _ in FIELD_FLAGS:
+            if getattr(args, name) is not None:
+                transaction[name] = getattr(args, name)
+        scorer = _scorer(args)
         result = scorer.score(transaction, model=args.model, top_reasons=args.top_reasons)
     except grpc.RpcError as exc:
         print(f"riskwire: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except (ServingError, ValueError) as exc:
+    except (ServingError, ValueError, FileNotFoundError) as exc:
         print(f"riskwire: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(dataclasses.asdict(result), indent=2))
@@ -118,10 +123,14 @@ def cmd_score_file(args: argparse.Namespace) -> int:
     """Score every row of a Parquet/CSV file in time order; write results to --out."""
     import pyarrow as pa
 
-    from riskwire.pipeline.synth import write
+    from riskwire.pipeline.data import write_table
 
     total, chunks = _chunks(Path(args.input), args.chunk_rows)
-    scorer = _scorer(args)
+    try:
+        scorer = _scorer(args)
+    except FileNotFoundError as exc:
+        print(f"riskwire: error: {exc}", file=sys.stderr)
+        return 1
     ids, probabilities, decisions, errors = [], [], [], []
     started = time.perf_counter()
     done = 0
@@ -152,7 +161,7 @@ def cmd_score_file(args: argparse.Namespace) -> int:
         "decision": pa.array(decisions, pa.string()),
         "error": pa.array(errors, pa.string()),
     })  # fmt: skip
-    write(table, args.out)
+    write_table(table, args.out)
     failed = sum(e is not None for e in errors)
     print(
         f"scored {done} rows in {elapsed:.1f}s ({done / max(elapsed, 1e-9):,.0f} rows/s), "

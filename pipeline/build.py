@@ -79,9 +79,7 @@ def time_split(rows: int, config: BuildConfig) -> Split:
     train_end = int(rows * config.train_fraction)
     valid_end = int(rows * (config.train_fraction + config.validation_fraction))
     if train_end < 1 or valid_end - train_end < 1 or rows - valid_end < 1:
-        raise DataValidationError(
-            f"{rows} rows are too few to split into train/validation/test"
-        )
+        raise DataValidationError(f"{rows} rows are too few to split into train/validation/test")
     return Split(slice(0, train_end), slice(train_end, valid_end), slice(valid_end, rows))
 
 

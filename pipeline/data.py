@@ -7,6 +7,8 @@ and how many rows are affected, so a user can fix the file without a debugger.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +51,35 @@ def file_sha256(path: str | Path) -> str:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write ``table`` atomically as Parquet (``.parquet``) or CSV (``.csv``).
+
+    In CSV an ``event_time`` timestamp column, if present, is ISO-8601 UTC text. The
+    file is written next to ``path`` under a temporary name and renamed into place.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise ValueError(f"unsupported output format {path.suffix!r}: use .parquet or .csv")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".parquet":
+            pq.write_table(table, tmp, compression="zstd")
+        else:
+            i = table.schema.get_field_index(TIME_COLUMN)
+            if i >= 0 and pa.types.is_timestamp(table.schema.field(i).type):
+                iso = pc.strftime(table.column(i), format="%Y-%m-%dT%H:%M:%SZ")
+                table = table.set_column(i, TIME_COLUMN, iso)
+            pacsv.write_csv(table, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def read_table(path: str | Path) -> pa.Table:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from ..kernels.schema import CHANNELS, LABEL_COLUMN
+from .data import write_table
 
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 DEFAULT_DAYS = 45.0
@@ -447,24 +445,6 @@ def write(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write ``table`` atomically as Parquet (``.parquet``) or CSV (``.csv``).
 
     CSV holds ``event_time`` as ISO-8601 UTC text (``2026-01-01T00:00:00.000Z``).
-    The file is written next to ``path`` under a temporary name and renamed into place.
+    See :func:`riskwire.pipeline.data.write_table`.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise ValueError(f"unsupported output format {path.suffix!r}: use .parquet or .csv")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix == ".parquet":
-            pq.write_table(table, tmp, compression="zstd")
-        else:
-            i = table.schema.get_field_index("event_time")
-            iso = pc.strftime(table.column(i), format="%Y-%m-%dT%H:%M:%SZ")
-            pcsv.write_csv(table.set_column(i, "event_time", iso), tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_table(table, path)

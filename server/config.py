@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 
 ENV_PREFIX = "RISKWIRE_"
 PROFILES = ("dev", "test", "staging", "prod")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -62,6 +63,18 @@ class Settings:
             raise SettingsError("max_batch_rows must be >= 1 and max_message_bytes >= 1024")
         if not 0 <= self.default_top_reasons <= 10:
             raise SettingsError("default_top_reasons must be in 0..10")
+        for name in (
+            "grace_period_s",
+            "restart_backoff_s",
+            "snapshot_interval_s",
+            "max_concurrent_rpcs",
+        ):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise SettingsError(
+                f"log_level {self.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
+            )
 
     @property
     def worker_count(self) -> int:

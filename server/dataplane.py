@@ -147,9 +147,18 @@ class DataPlane:
         return ScoreOutcome(probability, model.decision(probability), reasons)
 
     def score_batch(
-        self, model: ModelRuntime, columns: Mapping[str, Sequence], *, top_reasons: int = 0
+        self,
+        model: ModelRuntime,
+        columns: Mapping[str, Sequence],
+        *,
+        top_reasons: int = 0,
+        all_or_nothing: bool = False,
     ) -> BatchOutcome:
-        """Score rows in order; invalid rows get an error each and leave the state alone."""
+        """Score rows in order; invalid rows get an error each and leave the state alone.
+
+        With ``all_or_nothing`` the first invalid row raises InvalidInputError before
+        any state is touched (tensor APIs, where a request succeeds or fails whole).
+        """
         rows = len(columns["amount"])
         if rows > self.max_batch_rows:
             raise InvalidInputError(
@@ -169,6 +178,10 @@ class DataPlane:
                 )
             except InvalidInputError as exc:
                 errors[i] = exc
+        if errors and all_or_nothing:
+            first = min(errors)
+            more = f" (and {len(errors) - 1} more rows)" if len(errors) > 1 else ""
+            raise InvalidInputError(f"row {first}: {errors[first]}{more}; no row was scored")
         valid = np.array([i for i in range(rows) if i not in errors], dtype=np.int64)
         probabilities = np.full(rows, np.nan)
         decisions = np.full(rows, "", dtype=object)

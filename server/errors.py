@@ -16,6 +16,18 @@ from __future__ import annotations
 
 from enum import Enum
 
+MAX_ECHO_CHARS = 100
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """repr-like text of a client-supplied value, shortened for error messages.
+
+    Error messages travel in HTTP/2 trailers (16 KiB hard limit): echoing a huge
+    client value verbatim would turn the intended status into RESOURCE_EXHAUSTED.
+    """
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} chars)"
+
 
 class ErrorCode(Enum):
     """Transport-neutral error codes (named like google.rpc.Code)."""

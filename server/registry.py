@@ -16,7 +16,7 @@ from riskwire.kernels.schema import FEATURE_NAMES
 from riskwire.pipeline.errors import PipelineError
 from riskwire.pipeline.package import ModelPackage, list_versions, load_package
 
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, clip
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +109,20 @@ class ModelRegistry:
         if not version:
             version = self._serving.get(name, "")
             if not version:
-                raise ModelNotFoundError(
-                    f"model {name!r} is not loaded; available: {', '.join(self.names()) or 'none'}"
-                )
+                raise self._not_loaded(name)
         runtime = self._models.get((name, version))
         if runtime is None:
             known = sorted(v for (n, v) in self._models if n == name)
             if not known:
-                raise ModelNotFoundError(
-                    f"model {name!r} is not loaded; available: {', '.join(self.names()) or 'none'}"
-                )
+                raise self._not_loaded(name)
             raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r}; loaded: {', '.join(known)}"
+                f"model '{clip(name)}' has no version '{clip(version)}'; loaded: {', '.join(known)}"
             )
         return runtime
+
+    def _not_loaded(self, name: str) -> ModelNotFoundError:
+        available = ", ".join(self.names()) or "none"
+        return ModelNotFoundError(f"model '{clip(name)}' is not loaded; available: {available}")
 
     def names(self) -> list[str]:
         """Names of the models being served."""

@@ -7,10 +7,12 @@ the same port with SO_REUSEPORT and the kernel spreads connections across them.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
@@ -21,6 +23,7 @@ from .config import Settings
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
 SERVICE_NAMES = ("riskwire.v1.Scoring", "inference.GRPCInferenceService")
 
 
@@ -61,6 +64,24 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _die_with_parent() -> None:
+    """Get SIGTERM when the supervisor dies (even by SIGKILL), so no orphan keeps the port."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: fall back to polling the parent
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_worker(
     worker_id: int,
     settings: Settings,
@@ -71,6 +92,7 @@ def run_worker(
 ) -> None:
     """Entry point of a worker process (the supervisor's spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
+    _die_with_parent()
     configure_logging(settings.log_level, f"worker-{worker_id}[{os.getpid()}]")
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})

@@ -11,7 +11,7 @@ from riskwire.protos import inference_pb2 as pb
 from riskwire.protos import inference_pb2_grpc
 
 from ..dataplane import DataPlane
-from ..errors import InvalidInputError, ModelNotFoundError
+from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
 from .status import check_deadline, item_error, unary
 from .tensors import INPUTS, OUTPUT_NAMES, OUTPUTS, decode_inputs, encode_bytes_elements
@@ -113,16 +113,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         for name in wanted:
             if name not in OUTPUT_NAMES:
                 raise InvalidInputError(
-                    f"unknown output '{name}'; the model produces {', '.join(OUTPUT_NAMES)}",
+                    f"unknown output '{clip(name)}'; the model produces {', '.join(OUTPUT_NAMES)}",
                     field=name,
                 )
         columns, rows = decode_inputs(request, dataplane.max_batch_rows)
-        outcome = dataplane.score_batch(model, columns)
-        if outcome.errors:
-            first = min(outcome.errors)
-            more = len(outcome.errors) - 1
-            suffix = f" (and {more} more rows)" if more else ""
-            raise InvalidInputError(f"row {first}: {outcome.errors[first]}{suffix}")
+        # All or nothing: a tensor request with a bad row must not touch card state.
+        outcome = dataplane.score_batch(model, columns, all_or_nothing=True)
         shape = [rows, 1] if len(request.inputs[0].shape) == 2 else [rows]
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id

@@ -29,6 +29,7 @@ GRPC_CODES: dict[ErrorCode, grpc.StatusCode] = {
 # google.rpc.Code numbers, for per-item errors inside batch and stream responses.
 RPC_CODE_NUMBERS: dict[ErrorCode, int] = {code: GRPC_CODES[code].value[0] for code in ErrorCode}
 
+MAX_MESSAGE_CHARS = 2048
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
@@ -48,7 +49,7 @@ def unary(method: Handler) -> Handler:
             check_deadline(context)
             return method(self, request, context)
         except ServingError as exc:
-            context.abort(GRPC_CODES[exc.code], str(exc))
+            context.abort(GRPC_CODES[exc.code], _capped(str(exc)))
         except Exception:  # noqa: BLE001 - nothing a client sends may crash a worker
             log.exception("unexpected error in %s", method.__qualname__)
             context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged)")
@@ -56,9 +57,14 @@ def unary(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
+def _capped(message: str) -> str:
+    # Trailers have a 16 KiB hard limit; a longer message would change the status.
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "…"
+
+
 def item_error(exc: Exception) -> tuple[int, str]:
     """(google.rpc code number, message) for an error inside a batch or stream item."""
     if isinstance(exc, ServingError):
-        return RPC_CODE_NUMBERS[exc.code], str(exc)
+        return RPC_CODE_NUMBERS[exc.code], _capped(str(exc))
     log.exception("unexpected error in a stream item", exc_info=exc)
     return RPC_CODE_NUMBERS[ErrorCode.INTERNAL], "internal server error (logged)"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, clip
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def decode_inputs(request, max_rows: int) -> tuple[dict[str, object], int]:  # n
             raise InvalidInputError(f"input '{name}' is given twice", field=name)
         if tensor.datatype not in spec.accepted:
             raise InvalidInputError(
-                f"input '{name}': datatype {tensor.datatype or '(empty)'} is not accepted; "
+                f"input '{name}': datatype {clip(tensor.datatype) or '(empty)'} is not accepted; "
                 f"expected {' or '.join(spec.accepted)}",
                 field=name,
             )
@@ -188,7 +188,16 @@ def _decode_tensor(tensor, spec: InputSpec, count: int, raw: bytes | None):  # n
             )
         if datatype == "BYTES":
             return _strings(name, list(content))
-        values = np.asarray(content, dtype=_NUMPY_DTYPES[datatype])
+        dtype = _NUMPY_DTYPES[datatype]
+        if dtype.kind == "f":
+            values = np.asarray(content, dtype=dtype)
+        else:  # typed int contents are 32/64-bit on the wire: check the declared range
+            values = np.asarray(content, dtype=np.int64)
+            info = np.iinfo(dtype)
+            if len(values) and (values.min() < info.min or values.max() > info.max):
+                raise InvalidInputError(
+                    f"input '{name}': a value is outside the range of {datatype}", field=name
+                )
     if spec.name == "amount":
         return values.astype(np.float64, copy=False)
     return values.astype(np.int64, copy=False)
