@@ -257,11 +257,16 @@ def _score_parallel(X, nf, nodes, slots, trees, cat_bits, out_kind, sig, div, ou
         _score_range(X, nf, start, stop, nodes, slots, trees, cat_bits, out_kind, sig, div, out)
 
 
-@njit(f"void(float64[::1], {_MODEL}, float64[::1], float64[::1])", cache=True, nogil=True)
+@njit(f"float64(float64[::1], {_MODEL}, float64[::1], float64[::1])", cache=True, nogil=True)
 def _contributions_row(x, nodes, slots, trees, cat_bits, values, out):
-    """Saabas attribution of one row into ``out`` (num_feature + 1, last = base value)."""
+    """Saabas attribution of one row into ``out`` (num_feature + 1, last = base value).
+
+    Returns the raw score: the leaves reached, summed in tree order as LightGBM does, so
+    it is bit-equal to :func:`_score_one`.
+    """
     base = out.shape[0] - 1
     out[:] = 0.0
+    raw = 0.0
     for t in range(trees.shape[0]):
         nd = uint64(trees[t, 0])
         out[base] += values[nd]
@@ -281,6 +286,52 @@ def _contributions_row(x, nodes, slots, trees, cat_bits, values, out):
             child = uint64(nodes[nd * _U4 + _U3]) + uint64(right)
             out[feature] += values[child] - values[nd]
             nd = child
+        raw += slots[nd * _U2]
+    return raw
+
+
+@njit(
+    f"float64(float64[::1], {_MODEL}, float64[::1], int64, float64, float64, float64[::1],"
+    " int64, int64[::1], float64[::1])",
+    cache=True,
+    nogil=True,
+)
+def _predict_row_reasons(
+    x,
+    nodes,
+    slots,
+    trees,
+    cat_bits,
+    values,
+    out_kind,
+    sigmoid,
+    divisor,
+    contrib,
+    k,
+    top_index,
+    top_value,
+):
+    """Prediction of one row plus its ``k`` largest positive contributions, in one call.
+
+    ``top_index``/``top_value`` receive the reasons, largest first (ties: lower feature
+    index); unused entries get index -1. ``contrib`` is scratch (num_feature + 1).
+    """
+    # One walk per tree gives both the leaf (raw score) and the Saabas credits.
+    raw = _contributions_row(x, nodes, slots, trees, cat_bits, values, contrib)
+    n_features = contrib.shape[0] - 1
+    for r in range(k):
+        best, best_value = -1, 0.0
+        for j in range(n_features):
+            if contrib[j] > best_value:
+                taken = False
+                for q in range(r):
+                    if top_index[q] == j:
+                        taken = True
+                if not taken:
+                    best, best_value = j, contrib[j]
+        top_index[r] = best
+        top_value[r] = best_value
+    return _finish(raw, out_kind, sigmoid, divisor)
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -425,11 +476,41 @@ class Forest:
         order = np.argsort(-contrib, kind="stable")[:k]
         return [(int(j), float(contrib[j])) for j in order if contrib[j] > 0.0]
 
+    def predict_row_reasons(
+        self,
+        x: np.ndarray,
+        k: int,
+        top_index: np.ndarray,
+        top_value: np.ndarray,
+        scratch: np.ndarray,
+    ) -> float:
+        """:meth:`predict_row` and :meth:`top_reasons` of one row in a single kernel call.
+
+        For the serving hot path: ``x`` must be a C-contiguous float64 row, ``top_index``
+        (int64) and ``top_value`` (float64) hold at least ``k`` entries and receive the
+        reasons (index -1 past the last one), ``scratch`` is float64 of num_feature + 1.
+        """
+        return _predict_row_reasons(
+            x,
+            *self._model_args,
+            self._node_values,
+            self._out_kind,
+            self._sigmoid,
+            self._divisor,
+            scratch,
+            k,
+            top_index,
+            top_value,
+        )
+
     def warmup(self) -> None:
         """Run every kernel once (compiles them or loads them from Numba's cache)."""
         row = np.zeros(self._num_feature, dtype=np.float64)
         self.predict_row(row)
         self.contributions_row(row)
+        self.predict_row_reasons(
+            row, 1, np.empty(1, np.int64), np.empty(1), np.empty(self._num_feature + 1)
+        )
         batch = np.zeros((PARALLEL_MIN_ROWS, self._num_feature), dtype=np.float64)
         self.predict(batch[:1], num_threads=1)
         self.predict(batch)

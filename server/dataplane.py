@@ -73,6 +73,9 @@ class _Scratch(threading.local):
             channel=np.zeros(1, np.int32),
         )
         self.features = np.zeros((1, NUM_FEATURES), np.float64)
+        self.top_index = np.zeros(MAX_TOP_REASONS, np.int64)
+        self.top_value = np.zeros(MAX_TOP_REASONS, np.float64)
+        self.contributions = np.zeros(NUM_FEATURES + 1, np.float64)
 
 
 def _now_ms() -> int:
@@ -139,11 +142,24 @@ class DataPlane:
         tx.card_country[0] = encoding.COUNTRY_CODES.get(card_country, encoding.UNKNOWN_CODE)
         tx.currency[0] = encoding.CURRENCY_CODES.get(currency, encoding.UNKNOWN_CODE)
         tx.channel[0] = encoding.CHANNEL_CODES.get(channel, encoding.UNKNOWN_CODE)
-        features = self._state.update(tx, scratch.features)
-        row = features[0]
-        probability = model.forest.predict_row(row)
+        row = self._state.update(tx, scratch.features)[0]
+        if not top_reasons:
+            probability = model.forest.predict_row(row)
+            _check_probability(probability, model)
+            return ScoreOutcome(probability, model.decision(probability), [])
+        top_index, top_value = scratch.top_index, scratch.top_value
+        probability = model.forest.predict_row_reasons(
+            row, top_reasons, top_index, top_value, scratch.contributions
+        )
         _check_probability(probability, model)
-        reasons = _reasons(model, row, top_reasons) if top_reasons else []
+        names = model.feature_names
+        reasons = [
+            (names[j], value, float(row[j]))
+            for j, value in zip(
+                top_index[:top_reasons].tolist(), top_value[:top_reasons].tolist(), strict=True
+            )
+            if j >= 0
+        ]
         return ScoreOutcome(probability, model.decision(probability), reasons)
 
     def score_batch(

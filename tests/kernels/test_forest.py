@@ -411,6 +411,26 @@ def test_top_reasons(forests):
         forest.top_reasons(x, -1)
 
 
+@pytest.mark.parametrize("name", ["categorical", "nan", "zero_as_missing", "many_trees", "handmade"])
+def test_predict_row_reasons_fuses_predict_and_top_reasons(name, forests):
+    """The serving path's single call equals predict_row bit for bit and top_reasons."""
+    forest = forests[name]
+    top_index, top_value = np.empty(10, np.int64), np.empty(10)
+    scratch = np.empty(forest.num_feature() + 1)
+    for x in random_rows(60, seed=21):
+        for k in (1, 3, 10):
+            probability = forest.predict_row_reasons(x, k, top_index, top_value, scratch)
+            assert probability == forest.predict_row(x)
+            expected = forest.top_reasons(x, k)
+            got = [
+                (int(j), float(v))
+                for j, v in zip(top_index[:k], top_value[:k], strict=True)
+                if j >= 0
+            ]
+            assert got == expected
+            assert all(j == -1 for j in top_index[len(expected) : k])
+
+
 def test_categorical_columns_are_used(forests):
     """Guard the fixtures: the categorical model really splits on both code columns."""
     text_features = forests["categorical"]._arrays.nodes[:, 2]
