@@ -48,10 +48,12 @@ table is full, the window's least recently seen card is evicted (see
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import from_dtype, njit, types
 
+from .atomics import spin_lock, spin_unlock
 from .encoding import TransactionArrays
 from .schema import FEATURE_NAMES, NUM_FEATURES
 from .state import (
@@ -61,6 +63,7 @@ from .state import (
     HASH_MULTIPLIER,
     HASH_SHIFT,
     HDR_EVICTIONS,
+    HDR_LOCK,
     HDR_OCCUPIED,
     HDR_PROBE_LIMIT,
     MERCHANT_RING,
@@ -275,25 +278,13 @@ def _update_slot(
         last_time_ms[s] = t
 
 
-@njit(types.int64(*_STATE_TYPES, *_TX_TYPES, _OUT_TYPE, types.boolean), cache=True, nogil=True)
-def _features_kernel(
+@_inline
+def _features_rows(
     header, keys, last_time_ms, counts, stats, merchants, countries,
     card_key, merchant_key, event_time_ms, amount, mcc, country, card_country, currency,
-    channel, out, update,
-) -> int:  # fmt: skip
-    """Features of rows 0..n-1 in order; with ``update`` each row then updates its card."""
+    channel, out, update, probe_limit,
+) -> None:  # fmt: skip
     n = amount.shape[0]
-    for length in (card_key.size, merchant_key.size, event_time_ms.size, mcc.size, country.size,
-                   card_country.size, currency.size, channel.size):  # fmt: skip
-        if length != n:
-            return _BAD_LENGTH
-    if out.shape[0] != n or out.shape[1] != NUM_FEATURES:
-        return _BAD_OUT_SHAPE
-    for i in range(n):
-        if card_key[i] == _EMPTY:
-            return _ZERO_KEY
-    # header may live in shared memory: never trust it to be in range
-    probe_limit = max(1, min(header[HDR_PROBE_LIMIT], keys.shape[0]))
     for i in range(n):
         t = event_time_ms[i]
         a = amount[i]
@@ -314,6 +305,42 @@ def _features_kernel(
                 s, t, a, merchant_key[i], country[i], d1, d24, d7, last_time_ms, counts, stats,
                 merchants, countries,
             )  # fmt: skip
+
+
+@njit(
+    types.int64(*_STATE_TYPES, *_TX_TYPES, _OUT_TYPE, types.boolean, types.int64),
+    cache=True,
+    nogil=True,
+)
+def _features_kernel(
+    header, keys, last_time_ms, counts, stats, merchants, countries,
+    card_key, merchant_key, event_time_ms, amount, mcc, country, card_country, currency,
+    channel, out, update, owner,
+) -> int:  # fmt: skip
+    """Features of rows 0..n-1 in order; with ``update`` each row then updates its card.
+
+    The whole pass holds the table's spinlock (``header[HDR_LOCK]``) for ``owner``, so
+    processes and threads sharing a table apply their transactions one call at a time.
+    """
+    n = amount.shape[0]
+    for length in (card_key.size, merchant_key.size, event_time_ms.size, mcc.size, country.size,
+                   card_country.size, currency.size, channel.size):  # fmt: skip
+        if length != n:
+            return _BAD_LENGTH
+    if out.shape[0] != n or out.shape[1] != NUM_FEATURES:
+        return _BAD_OUT_SHAPE
+    for i in range(n):
+        if card_key[i] == _EMPTY:
+            return _ZERO_KEY
+    # header may live in shared memory: never trust it to be in range
+    probe_limit = max(1, min(header[HDR_PROBE_LIMIT], keys.shape[0]))
+    spin_lock(header, HDR_LOCK, owner)
+    _features_rows(
+        header, keys, last_time_ms, counts, stats, merchants, countries, card_key,
+        merchant_key, event_time_ms, amount, mcc, country, card_country, currency, channel,
+        out, update, probe_limit,
+    )  # fmt: skip
+    spin_unlock(header, HDR_LOCK)
     return 0
 
 
@@ -324,7 +351,7 @@ def compute_features(
 
     ``out``, if given, must be a writable C-contiguous float64 array of shape
     ``(len(tx), NUM_FEATURES)``; it is filled and returned (no allocation). Calls that
-    share a table must be serialised (the kernel releases the GIL and does not lock).
+    share a table serialise on its spinlock inside the kernel (the GIL is released).
     """
     if out is None:
         out = np.empty((len(tx.amount), NUM_FEATURES))
@@ -376,11 +403,14 @@ def warmup() -> None:
     peek_features(table, tx)
 
 
+_OWNER = os.getpid()  # lock owner id; spawn-started workers each get their own
+
+
 def _run(state: tuple, tx: TransactionArrays, out: np.ndarray, update: bool) -> None:
     try:
         status = _features_kernel(
             *state, tx.card_key, tx.merchant_key, tx.event_time_ms, tx.amount, tx.mcc,
-            tx.country, tx.card_country, tx.currency, tx.channel, out, update,
+            tx.country, tx.card_country, tx.currency, tx.channel, out, update, _OWNER,
         )  # fmt: skip
     except TypeError as exc:  # no matching signature: say which argument is wrong
         _raise_bad_inputs(tx, out, exc)

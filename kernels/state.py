@@ -5,7 +5,7 @@ The table lives in one byte buffer (private numpy memory, a ``bytearray`` or a
 Layout, every block starting on a 64-byte boundary::
 
     header        int64[8]          magic, layout version, capacity, probe_limit,
-                                    occupied slots, evictions, 2 reserved
+                                    occupied slots, evictions, lock word, 1 reserved
     keys          uint64[C]         card key of the slot; 0 = empty
     last_time_ms  int64[C]          latest event time seen for the card (never decreases)
     counts        int64[C, 2]       lifetime transactions, transactions with a finite amount
@@ -27,8 +27,8 @@ Everything depends only on the sequence of transactions, so offline and online p
 over the same stream build identical tables.
 
 The probing itself runs inside the feature kernels (:mod:`riskwire.kernels.features`);
-:meth:`CardStateTable.find` is the same lookup in Python. The table does no locking:
-callers serialise writers (e.g. a process-shared lock around each feature call).
+:meth:`CardStateTable.find` is the same lookup in Python. Writers serialise on a
+spinlock in the header (``HDR_LOCK``), taken inside the feature kernel.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ LAYOUT_VERSION: Final = 1
 
 # header slots
 HDR_MAGIC, HDR_VERSION, HDR_CAPACITY, HDR_PROBE_LIMIT, HDR_OCCUPIED, HDR_EVICTIONS = range(6)
+HDR_LOCK = 6  # writers' spinlock word: owner pid, 0 = free (see kernels.atomics)
 HEADER_LEN: Final = 8
 _MAGIC: Final = int.from_bytes(b"RWCARDST", "little")
 # counts columns
@@ -276,7 +277,9 @@ class CardStateTable:
             capacity, probe_limit, nbytes, crc = _read_file_header(f, path)
             buffer = np.zeros(nbytes, dtype=np.uint8)
             _read_body(f, buffer, nbytes, crc, path)
-        return cls(buffer)
+        table = cls(buffer)
+        table.header[HDR_LOCK] = 0  # a lock held when the snapshot was taken is void
+        return table
 
     @classmethod
     def restore_into(
@@ -297,7 +300,9 @@ class CardStateTable:
             except BaseException:
                 raw[: HEADER_LEN * 8] = 0
                 raise
-        return cls(buffer)
+        table = cls(buffer)
+        table.header[HDR_LOCK] = 0  # a lock held when the snapshot was taken is void
+        return table
 
 
 def _writable_bytes(buffer: memoryview | bytearray | np.ndarray) -> np.ndarray:

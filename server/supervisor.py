@@ -1,7 +1,7 @@
 """The supervisor: owns shared state, starts N workers, restarts the dead, drains on SIGTERM.
 
     supervisor ──spawn──▶ worker 0 … worker N-1   (SO_REUSEPORT on one port)
-        │ shared memory: per-card state table + process-shared lock
+        │ shared memory: per-card state table (its spinlock in its header)
         │ events queue: WorkerReady / WorkerFailed
         └ periodic and final state snapshots
 
@@ -79,7 +79,7 @@ class Supervisor:
         # One Numba thread per worker: parallelism comes from the processes.
         os.environ.setdefault("NUMBA_NUM_THREADS", "1")
         self._state = SharedCardState.create(
-            settings.state_capacity, self._context.Lock(), snapshot=settings.snapshot_path
+            settings.state_capacity, snapshot=settings.snapshot_path
         )
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -104,7 +104,6 @@ class Supervisor:
                 slot.worker_id,
                 self.settings,
                 self._state.name,
-                self._state.lock,
                 self._events,
                 self._cpus[slot.worker_id],
             ),
@@ -160,24 +159,13 @@ class Supervisor:
             process.join()
             slot.process, slot.ready = None, False
             slot.restart_at = now + self.settings.restart_backoff_s
-            self._repair_lock()
+            assert self._state is not None
+            if self._state.break_lock_of(process.pid):
+                log.warning("worker %d died holding the card state lock; released it",
+                            slot.worker_id)
         if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
             slot.restarts += 1
             self._start(slot)
-
-    def _repair_lock(self) -> None:
-        """A worker killed inside the state lock leaves it held; release it if stuck.
-
-        Feature updates hold the lock for microseconds, so a lock nobody releases within
-        a second after a worker died was held by the dead worker.
-        """
-        assert self._state is not None
-        lock = self._state.lock
-        if lock.acquire(timeout=1.0):
-            lock.release()
-        else:
-            log.warning("state lock was held by the dead worker; releasing it")
-            lock.release()
 
     def _snapshot(self) -> None:
         assert self._state is not None

@@ -16,7 +16,6 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Lock
 from pathlib import Path
 
 from .config import Settings
@@ -86,7 +85,6 @@ def run_worker(
     worker_id: int,
     settings: Settings,
     state_name: str,
-    state_lock: Lock,
     events: Queue,
     cpu: int | None,
 ) -> None:
@@ -97,7 +95,7 @@ def run_worker(
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
-        server, health, state = _build_server(worker_id, settings, state_name, state_lock, events)
+        server, health, state = _build_server(worker_id, settings, state_name, events)
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
         log.exception("worker %d failed to start", worker_id)
         events.put(
@@ -127,7 +125,7 @@ def run_worker(
     os._exit(0)
 
 
-def _build_server(worker_id, settings, state_name, state_lock, events):  # noqa: ANN001, ANN202
+def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN202
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -145,7 +143,7 @@ def _build_server(worker_id, settings, state_name, state_lock, events):  # noqa:
     runtimes = registry.load_all()
     if not runtimes:
         raise RuntimeError(f"no loadable model package under {settings.models}")
-    state = SharedCardState.attach(state_name, state_lock)
+    state = SharedCardState.attach(state_name)
     features.warmup()
     for runtime in runtimes:
         runtime.warmup()
