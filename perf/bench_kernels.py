@@ -288,11 +288,42 @@ def _throughput(
     return best
 
 
-# Add sections here (e.g. a feature-kernel throughput section); each returns a dict.
+def section_features(ctx: BenchContext) -> dict[str, Any]:
+    """Stateful feature kernel: transactions/s offline (one pass) and online (one row)."""
+    from riskwire.kernels.encoding import encode_columns
+    from riskwire.kernels.features import compute_features, compute_features_offline
+    from riskwire.kernels.schema import NUM_FEATURES
+    from riskwire.kernels.state import CardStateTable
+    from riskwire.pipeline import synth
+
+    rows = 20_000 if ctx.config is SMOKE else 400_000
+    table = synth.generate(rows, seed=11).to_pydict()
+    table["event_time"] = [int(t.timestamp() * 1000) for t in table["event_time"]]
+    tx = encode_columns(table)
+    compute_features_offline(tx.take(slice(0, 1000)))  # compile / load from cache
+    out = np.empty((rows, NUM_FEATURES))
+    start = time.perf_counter()
+    compute_features_offline(tx, out=out)
+    offline = rows / (time.perf_counter() - start)
+    state = CardStateTable.create(1 << 16)
+    single = [tx.take(slice(i, i + 1)) for i in range(min(rows, 20_000))]
+    row_out = np.empty((1, NUM_FEATURES))
+    start = time.perf_counter()
+    for one in single:
+        compute_features(state, one, row_out)
+    online = len(single) / (time.perf_counter() - start)
+    ctx.log(
+        f"features: offline {offline:,.0f} transactions/s (one pass over {rows:,} rows), "
+        f"online {online:,.0f} transactions/s (one row per call, state shared)"
+    )
+    return {"feature_tx_per_s_offline": offline, "feature_tx_per_s_online": online}
+
+
 SECTIONS: list[Callable[[BenchContext], dict[str, Any]]] = [
     section_correctness,
     section_single_row,
     section_batch,
+    section_features,
 ]
 
 
