@@ -128,9 +128,11 @@ class DataPlane:
         channel: str,
         event_time_ms: int,
         top_reasons: int,
+        field_prefix: str = "transaction.",
     ) -> ScoreOutcome:
-        """Score one transaction, updating its card's state."""
-        _check_row(card_id, merchant_id, amount, event_time_ms, "transaction.")
+        """Score one transaction, updating its card's state (``field_prefix`` starts the
+        field names in error messages)."""
+        _check_row(card_id, merchant_id, amount, event_time_ms, field_prefix)
         scratch = self._scratch
         tx = scratch.tx
         tx.card_key[0] = encoding.hash64(card_id)

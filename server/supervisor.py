@@ -161,8 +161,9 @@ class Supervisor:
             slot.restart_at = now + self.settings.restart_backoff_s
             assert self._state is not None
             if self._state.break_lock_of(process.pid):
-                log.warning("worker %d died holding the card state lock; released it",
-                            slot.worker_id)
+                log.warning(
+                    "worker %d died holding the card state lock; released it", slot.worker_id
+                )
         if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
             slot.restarts += 1
             self._start(slot)

@@ -17,6 +17,10 @@ from .status import check_deadline, item_error, unary
 from .tensors import INPUTS, OUTPUT_NAMES, OUTPUTS, decode_inputs, encode_bytes_elements
 
 PLATFORM = "riskwire_lightgbm"
+SINGLE_ROW_FIELDS = (
+    "card_id", "merchant_id", "mcc", "amount", "currency", "country", "card_country",
+    "channel", "event_time_ms",
+)  # fmt: skip
 EXTENSIONS = ("model_configuration",)
 _TRITON_TYPES = {
     "BYTES": pb.TYPE_STRING, "FP64": pb.TYPE_FP64, "FP32": pb.TYPE_FP32,
@@ -106,6 +110,15 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             raise InvalidInputError("model name is required", field="name")
         return self._dataplane.model(name, version)
 
+    def _score_single(self, model: ModelRuntime, columns: dict) -> tuple[list, list]:
+        outcome = self._dataplane.score_one(
+            model,
+            **{name: _first(columns[name]) for name in SINGLE_ROW_FIELDS},
+            top_reasons=0,
+            field_prefix="row 0: input ",
+        )
+        return [outcome.probability], [outcome.decision]
+
     def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         dataplane = self._dataplane
         model = self._named_model(request.model_name, request.model_version)
@@ -117,22 +130,31 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     field=name,
                 )
         columns, rows = decode_inputs(request, dataplane.max_batch_rows)
-        # All or nothing: a tensor request with a bad row must not touch card state.
-        outcome = dataplane.score_batch(model, columns, all_or_nothing=True)
+        if rows == 1:  # the common online case: the allocation-free single-row path
+            probabilities, decisions = self._score_single(model, columns)
+        else:
+            # All or nothing: a tensor request with a bad row must not touch card state.
+            outcome = dataplane.score_batch(model, columns, all_or_nothing=True)
+            probabilities, decisions = outcome.probabilities, outcome.decisions
         shape = [rows, 1] if len(request.inputs[0].shape) == 2 else [rows]
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
         for name in wanted:
             if name == "probability":
-                content = outcome.probabilities.astype("<f8").tobytes()
+                content = np.asarray(probabilities, dtype="<f8").tobytes()
                 datatype = "FP64"
             else:
-                content = encode_bytes_elements(outcome.decisions)
+                content = encode_bytes_elements(decisions)
                 datatype = "BYTES"
             response.outputs.append(_OutputTensor(name=name, datatype=datatype, shape=shape))
             response.raw_output_contents.append(content)
         return response
+
+
+def _first(values) -> object:  # noqa: ANN001 - list or numpy array
+    value = values[0]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def probabilities_from_response(response: pb.ModelInferResponse) -> np.ndarray:
