@@ -12,24 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from riskwire.kernels.state import CardStateTable
-from riskwire.server.dataplane import DataPlane
+from riskwire.server.dataplane import BATCH_COLUMNS, DataPlane
 from riskwire.server.errors import ServingError
 from riskwire.server.registry import ModelRegistry
 from riskwire.server.state import LocalCardState
 
 from .client import ScoreResult, to_transaction
 
-_COLUMNS = (
-    "card_id",
-    "merchant_id",
-    "mcc",
-    "amount",
-    "currency",
-    "country",
-    "card_country",
-    "channel",
-    "event_time_ms",
-)
 _STATUS_NUMBERS = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "INTERNAL": 13}
 
 
@@ -59,7 +48,7 @@ class LocalScorer:
         runtime = self._dataplane.model(model, version)
         outcome = self._dataplane.score_one(
             runtime,
-            **{name: getattr(message, name) for name in _COLUMNS},
+            **{name: getattr(message, name) for name in BATCH_COLUMNS},
             top_reasons=self._dataplane.top_reasons_wanted(top_reasons),
         )
         return ScoreResult(
@@ -83,7 +72,7 @@ class LocalScorer:
         """Score transactions in order; invalid ones come back with ``error`` set."""
         messages = [to_transaction(t) for t in transactions]
         runtime = self._dataplane.model(model, version)
-        columns = {name: [getattr(m, name) for m in messages] for name in _COLUMNS}
+        columns = {name: [getattr(m, name) for m in messages] for name in BATCH_COLUMNS}
         top = self._dataplane.top_reasons_wanted(top_reasons, default=0)
         outcome = self._dataplane.score_batch(runtime, columns, top_reasons=top)
         request_id = self._next_id()

@@ -89,21 +89,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _chunks(path: Path, rows_per_chunk: int) -> tuple[int, Iterator[list[dict[str, Any]]]]:
+    from riskwire.kernels.schema import MODEL_INPUT_COLUMNS, TIME_COLUMN
     from riskwire.pipeline.data import load_raw
 
     raw = load_raw(path, require_label=False)
     columns = raw.columns
-    names = [
-        "transaction_id",
-        "card_id",
-        "merchant_id",
-        "mcc",
-        "amount",
-        "currency",
-        "country",
-        "card_country",
-        "channel",
-    ]
+    names = ["transaction_id", *(c for c in MODEL_INPUT_COLUMNS if c != TIME_COLUMN)]
     total = len(raw)
 
     def generate() -> Iterator[list[dict[str, Any]]]:

@@ -10,17 +10,13 @@ from riskwire import __version__
 from riskwire.protos import inference_pb2 as pb
 from riskwire.protos import inference_pb2_grpc
 
-from ..dataplane import DataPlane
+from ..dataplane import BATCH_COLUMNS, DataPlane
 from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
 from .status import check_deadline, item_error, unary
 from .tensors import INPUTS, OUTPUT_NAMES, OUTPUTS, decode_inputs, encode_bytes_elements
 
 PLATFORM = "riskwire_lightgbm"
-SINGLE_ROW_FIELDS = (
-    "card_id", "merchant_id", "mcc", "amount", "currency", "country", "card_country",
-    "channel", "event_time_ms",
-)  # fmt: skip
 EXTENSIONS = ("model_configuration",)
 _TRITON_TYPES = {
     "BYTES": pb.TYPE_STRING, "FP64": pb.TYPE_FP64, "FP32": pb.TYPE_FP32,
@@ -113,7 +109,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def _score_single(self, model: ModelRuntime, columns: dict) -> tuple[list, list]:
         outcome = self._dataplane.score_one(
             model,
-            **{name: _first(columns[name]) for name in SINGLE_ROW_FIELDS},
+            **{name: _first(columns[name]) for name in BATCH_COLUMNS},
             top_reasons=0,
             field_prefix="row 0: input ",
         )
