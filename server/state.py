@@ -33,6 +33,7 @@ class SharedCardState:
     def __init__(self, memory: shared_memory.SharedMemory, *, owner: bool) -> None:
         self._memory = memory
         self._owner = owner
+        self._snapshot_buffer: np.ndarray | None = None
         self.table = CardStateTable.attach(memory.buf)
 
     @classmethod
@@ -77,7 +78,11 @@ class SharedCardState:
     def snapshot(self, path: Path) -> None:
         """Consistent snapshot: copy under the table's lock, write (atomically) outside it."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        copy = np.empty(self.table.nbytes, dtype=np.uint8)
+        if self._snapshot_buffer is None:
+            # Allocated and faulted in once, outside the lock: copying into fresh pages
+            # under the lock stalled every worker for up to a second per snapshot.
+            self._snapshot_buffer = np.ones(self.table.nbytes, dtype=np.uint8)
+        copy = self._snapshot_buffer
         header = self.table.header
         spin_lock(header, HDR_LOCK, os.getpid())
         try:
