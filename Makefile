@@ -10,7 +10,7 @@ PORT ?= 50051
 DEMO_ROWS ?= 300000
 DEMO_DATA ?= data/demo-$(DEMO_ROWS).parquet
 
-.PHONY: install test lint format model serve bench bench-smoke clean
+.PHONY: install test lint format model serve bench bench-kernels bench-serving bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -48,11 +48,19 @@ model: install
 serve: model
 	$(BIN)/riskwire serve --models $(MODELS) --host $(HOST) --port $(PORT)
 
+# riskwire vs MLServer vs FastAPI vs a bare grpcio echo (installs the peers' venvs once).
 bench: model
+	$(BIN)/python perf/run.py --models $(MODELS) --json
+
+bench-kernels: model
 	$(BIN)/python perf/bench_kernels.py --model $$(ls -d $(MODELS)/$(MODEL_NAME)/[0-9]* | sort -t/ -k3 -n | tail -1)/model.txt
+
+bench-serving: model
+	$(BIN)/python perf/bench_serving.py --models $(MODELS) --json
 
 bench-smoke: install
 	$(BIN)/python perf/bench_kernels.py --smoke
+	$(BIN)/python perf/run.py --smoke --skip-mlserver
 
 clean:
 	rm -rf .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -192,6 +192,7 @@ def h2load_point(h2load: str, server: loadgen.ServerProcess, path: str, bodies: 
     for seconds in (args.warmup, args.duration):
         command = loadgen.h2load_command(h2load, url, body, concurrency, seconds, 0, log_file)
         if seconds == args.duration:
+            log_file.unlink(missing_ok=True)  # h2load appends: drop the warm-up's requests
             try:
                 ok_size = len(loadgen.unary_raw(server.target, path, bodies.messages[path])) + 5
             except grpc.RpcError as exc:
