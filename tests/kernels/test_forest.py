@@ -411,7 +411,9 @@ def test_top_reasons(forests):
         forest.top_reasons(x, -1)
 
 
-@pytest.mark.parametrize("name", ["categorical", "nan", "zero_as_missing", "many_trees", "handmade"])
+@pytest.mark.parametrize(
+    "name", ["categorical", "nan", "zero_as_missing", "many_trees", "handmade"]
+)
 def test_predict_row_reasons_fuses_predict_and_top_reasons(name, forests):
     """The serving path's single call equals predict_row bit for bit and top_reasons."""
     forest = forests[name]
