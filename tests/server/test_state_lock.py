@@ -32,6 +32,10 @@ from riskwire.kernels.encoding import encode_columns
 from riskwire.server.state import SharedCardState
 name, start, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 state = SharedCardState.attach(name)
+# A plain subprocess has its own resource tracker, which would unlink the segment when
+# this process exits (spawn-started server workers share the supervisor's instead).
+from multiprocessing import resource_tracker
+resource_tracker.unregister(state._memory._name, "shared_memory")
 tx = encode_columns({
     "card_id": ["card-shared"] * rows, "merchant_id": ["m"] * rows, "mcc": [5411] * rows,
     "amount": [1.0] * rows, "currency": ["EUR"] * rows, "country": ["DE"] * rows,
@@ -41,6 +45,8 @@ tx = encode_columns({
 out = np.empty((1, 23))
 for i in range(rows):
     state.update(tx.take(slice(i, i + 1)), out)
+import os
+os._exit(0)  # skip SharedMemory.__del__ while numpy views of it are alive
 """
 
 
