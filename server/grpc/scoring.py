@@ -10,7 +10,7 @@ import grpc
 
 from riskwire.protos import scoring_pb2, scoring_pb2_grpc
 
-from ..dataplane import DataPlane, ScoreOutcome
+from ..dataplane import BATCH_COLUMNS, DataPlane, ScoreOutcome
 from ..errors import InvalidInputError
 from .status import check_deadline, item_error, unary
 
@@ -38,17 +38,7 @@ class RequestIds:
 
 def transaction_columns(transactions) -> dict[str, list]:  # noqa: ANN001 - repeated field
     """Columns of a repeated Transaction field, as the dataplane takes them."""
-    return {
-        "card_id": [t.card_id for t in transactions],
-        "merchant_id": [t.merchant_id for t in transactions],
-        "mcc": [t.mcc for t in transactions],
-        "amount": [t.amount for t in transactions],
-        "currency": [t.currency for t in transactions],
-        "country": [t.country for t in transactions],
-        "card_country": [t.card_country for t in transactions],
-        "channel": [t.channel for t in transactions],
-        "event_time_ms": [t.event_time_ms for t in transactions],
-    }
+    return {name: [getattr(t, name) for t in transactions] for name in BATCH_COLUMNS}
 
 
 def _reason_messages(reasons: list[tuple[str, float, float]]) -> list:
