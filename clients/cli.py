@@ -8,6 +8,8 @@
     riskwire score-file IN --out OUT [--local]
     riskwire serve [--host H] [--port P] [--workers N] [--models DIR] [--config FILE]
                    [--profile dev|test|staging|prod]
+    riskwire shadow report|export|status|set|clear …   (see clients/shadow_cli.py)
+    riskwire feedback FILE [--target HOST:PORT]
 
 Heavy modules are imported inside each command so ``riskwire --help`` stays fast.
 """
@@ -105,10 +107,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     }
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
+        return Supervisor(settings).run()
     except SettingsError as exc:
         print(f"riskwire: error: {exc}", file=sys.stderr)
         return 2
-    return Supervisor(settings).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     score_file = commands.add_parser("score-file", help="score a Parquet/CSV file")
     score_cli.add_score_file_args(score_file)
     score_file.set_defaults(handler=score_cli.cmd_score_file)
+
+    from . import shadow_cli
+
+    shadow_cli.register(commands)
+    shadow_cli.register_feedback(commands)
 
     serve = commands.add_parser("serve", help="serve models over gRPC")
     serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")

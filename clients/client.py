@@ -106,6 +106,27 @@ def from_response(response: scoring_pb2.ScoreResponse, request_id: str = "") -> 
     )
 
 
+_LABELS = {
+    **dict.fromkeys(("fraud", "1", "true"), scoring_pb2.LABEL_FRAUD),
+    **dict.fromkeys(("legitimate", "0", "false"), scoring_pb2.LABEL_LEGITIMATE),
+}
+
+
+def to_outcome(value: Mapping[str, Any]) -> scoring_pb2.LabelledOutcome:
+    """A LabelledOutcome from ``{"request_id" or "transaction_id", "label", "labelled_at_ms"}``;
+    ``label`` is "fraud"/"legitimate", 1/0 or True/False (also as text)."""
+    label = value["label"]
+    code = _LABELS.get(str(int(label) if isinstance(label, bool) else label).strip().lower())
+    if code is None:
+        raise ValueError(f"label {label!r}: expected 'fraud', 'legitimate', 1 or 0")
+    return scoring_pb2.LabelledOutcome(
+        request_id=value.get("request_id") or "",
+        transaction_id=value.get("transaction_id") or "",
+        label=code,
+        labelled_at_ms=int(value.get("labelled_at_ms") or 0),
+    )
+
+
 def _score_request(
     transaction,
     model: str,
@@ -238,6 +259,20 @@ class RiskwireClient(_Base):
         ):
             yield from_response(response)
 
+    def feedback(
+        self,
+        outcomes: Iterable[Mapping[str, Any]],
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> int:
+        """Send delayed labels (see :func:`to_outcome`); returns how many were stored."""
+        request = scoring_pb2.FeedbackRequest(outcomes=[to_outcome(o) for o in outcomes])
+        response = self._stub.Feedback(
+            request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
+        )
+        return response.stored
+
     def close(self) -> None:
         """Close the channel."""
         self.channel.close()
@@ -324,6 +359,20 @@ class AsyncRiskwireClient(_Base):
         call = self._stub.ScoreStream(iter(requests), metadata=self._call_metadata(metadata))
         async for response in call:
             yield from_response(response)
+
+    async def feedback(
+        self,
+        outcomes: Iterable[Mapping[str, Any]],
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> int:
+        """Send delayed labels (see :func:`to_outcome`); returns how many were stored."""
+        request = scoring_pb2.FeedbackRequest(outcomes=[to_outcome(o) for o in outcomes])
+        response = await self._stub.Feedback(
+            request, timeout=self._timeout(timeout_s), metadata=self._call_metadata(metadata)
+        )
+        return response.stored
 
     async def close(self) -> None:
         """Close the channel."""

@@ -341,7 +341,8 @@ def start_servers(
     threads, n = Settings().threads_per_worker, args.workers
     ports = {name: loadgen.free_port() for name in ("riskwire", "echo", "fastapi")}
     env = {**os.environ, "RISKWIRE_THREADS_PER_WORKER": str(threads),
-           "RISKWIRE_STATE_SNAPSHOT": str(state / "cards.snapshot")}  # fmt: skip
+           "RISKWIRE_STATE_SNAPSHOT": str(state / "cards.snapshot"),
+           "RISKWIRE_ADMIN_PORT": "0"}  # fmt: skip
     cli = [sys.executable, "-m", "riskwire.clients.cli", "serve", "--models", str(work.models)]
     commands = {
         "riskwire": [*cli, *f"--port {ports['riskwire']} --workers {n}".split(),

@@ -135,7 +135,11 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         server_cpus, load_cpus = cores[:workers], cores[workers:]
         ports = {"echo": loadgen.free_port(), "riskwire": loadgen.free_port()}
         commands = server_commands(args.models, ports["echo"], ports["riskwire"], workers, threads)
-        env = {**os.environ, "RISKWIRE_STATE_SNAPSHOT": str(out / f"cards-{workers}.snap")}
+        env = {
+            **os.environ,
+            "RISKWIRE_STATE_SNAPSHOT": str(out / f"cards-{workers}.snap"),
+            "RISKWIRE_ADMIN_PORT": "0",
+        }
         for name in ("echo", "riskwire"):
             target = f"127.0.0.1:{ports[name]}"
             server = loadgen.ServerProcess(

@@ -13,10 +13,19 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_APPROVE: _ClassVar[Decision]
     DECISION_REVIEW: _ClassVar[Decision]
     DECISION_DECLINE: _ClassVar[Decision]
+
+class Label(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_UNSPECIFIED: _ClassVar[Label]
+    LABEL_LEGITIMATE: _ClassVar[Label]
+    LABEL_FRAUD: _ClassVar[Label]
 DECISION_UNSPECIFIED: Decision
 DECISION_APPROVE: Decision
 DECISION_REVIEW: Decision
 DECISION_DECLINE: Decision
+LABEL_UNSPECIFIED: Label
+LABEL_LEGITIMATE: Label
+LABEL_FRAUD: Label
 
 class Transaction(_message.Message):
     __slots__ = ("transaction_id", "card_id", "merchant_id", "mcc", "amount", "currency", "country", "card_country", "channel", "event_time_ms")
@@ -119,3 +128,27 @@ class ScoreBatchResponse(_message.Message):
     model_version: str
     results: _containers.RepeatedCompositeFieldContainer[ScoreResponse]
     def __init__(self, request_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ScoreResponse, _Mapping]]] = ...) -> None: ...
+
+class LabelledOutcome(_message.Message):
+    __slots__ = ("request_id", "transaction_id", "label", "labelled_at_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    transaction_id: str
+    label: Label
+    labelled_at_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., transaction_id: _Optional[str] = ..., label: _Optional[_Union[Label, str]] = ..., labelled_at_ms: _Optional[int] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[LabelledOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[LabelledOutcome, _Mapping]]] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    def __init__(self, stored: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,11 @@ class ScoringStub:
                 request_serializer=riskwire_dot_protos_dot_scoring__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=riskwire_dot_protos_dot_scoring__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/riskwire.v1.Scoring/Feedback',
+                request_serializer=riskwire_dot_protos_dot_scoring__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_scoring__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServicer:
@@ -77,6 +82,14 @@ class ScoringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Ground truth that arrived later (review verdict, chargeback): stored durably
+        before the call returns, and joined to shadow records by request or transaction id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_ScoringServicer_to_server(servicer, server):
                     servicer.ScoreStream,
                     request_deserializer=riskwire_dot_protos_dot_scoring__pb2.ScoreRequest.FromString,
                     response_serializer=riskwire_dot_protos_dot_scoring__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=riskwire_dot_protos_dot_scoring__pb2.FeedbackRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_scoring__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class Scoring:
             '/riskwire.v1.Scoring/ScoreStream',
             riskwire_dot_protos_dot_scoring__pb2.ScoreRequest.SerializeToString,
             riskwire_dot_protos_dot_scoring__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Scoring/Feedback',
+            riskwire_dot_protos_dot_scoring__pb2.FeedbackRequest.SerializeToString,
+            riskwire_dot_protos_dot_scoring__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

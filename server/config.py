@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from riskwire.shadow.config import ShadowConfigError, parse_filter
+
 ENV_PREFIX = "RISKWIRE_"
 PROFILES = ("dev", "test", "staging", "prod")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -49,6 +51,22 @@ class Settings:
     restart_backoff_s: float = 0.5  # supervisor: wait before restarting a dead worker
     default_top_reasons: int = 3
     log_level: str = "INFO"
+    # Control plane (admin API, in the supervisor). 0 = any free port (logged).
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 50052
+    run_dir: str = ""  # runtime files (shadow control, worker stats); "" = a private temp dir
+    # Shadow deployment (changeable at runtime through the admin API).
+    shadow_model: str = ""  # local shadow: "version" or "name:version"; "" = off
+    shadow_endpoint: str = ""  # remote OIP v2 shadow host:port (instead of a local version)
+    shadow_rate: float = 100.0  # percent of the primary's requests to mirror
+    shadow_filter: str = ""  # e.g. "channel=ecommerce; amount>=100"
+    shadow_timeout_s: float = 1.0  # per remote shadow call
+    shadow_dir: str = ""  # paired records and labels; "" = <models>/.shadow
+    shadow_queue_size: int = 10_000  # per worker; a full queue drops (and counts) mirrors
+    shadow_batch_rows: int = 512  # rows the shadow scorer takes per kernel/remote call
+    shadow_flush_rows: int = 10_000  # records per Parquet segment, at most
+    shadow_flush_seconds: float = 5.0  # records buffered for at most this long
+    shadow_record_features: bool = True  # store the feature vector in each record
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -63,6 +81,15 @@ class Settings:
             raise SettingsError("max_batch_rows must be >= 1 and max_message_bytes >= 1024")
         if not 0 <= self.default_top_reasons <= 10:
             raise SettingsError("default_top_reasons must be in 0..10")
+        if not 0 <= self.admin_port <= 65535:
+            raise SettingsError(f"admin_port {self.admin_port} is out of range 0..65535")
+        if not 0.0 <= self.shadow_rate <= 100.0:
+            raise SettingsError(f"shadow_rate must be in 0..100, got {self.shadow_rate}")
+        for name in ("shadow_queue_size", "shadow_batch_rows", "shadow_flush_rows"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shadow_timeout_s <= 0 or self.shadow_flush_seconds <= 0:
+            raise SettingsError("shadow_timeout_s and shadow_flush_seconds must be > 0")
         for name in (
             "grace_period_s",
             "restart_backoff_s",
@@ -71,6 +98,10 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        try:
+            parse_filter(self.shadow_filter)
+        except ShadowConfigError as exc:
+            raise SettingsError(f"shadow_filter: {exc}") from None
         if self.log_level.upper() not in _LOG_LEVELS:
             raise SettingsError(
                 f"log_level {self.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
@@ -85,6 +116,11 @@ class Settings:
     def snapshot_path(self) -> Path:
         """Where per-card state is snapshotted and restored from."""
         return Path(self.state_snapshot or Path(self.models) / ".state" / "cards.snapshot")
+
+    @property
+    def shadow_path(self) -> Path:
+        """Where shadow records and labels are written."""
+        return Path(self.shadow_dir or Path(self.models) / ".shadow")
 
     def warnings(self) -> list[str]:
         """Loud start-up warnings for risky combinations."""
@@ -101,7 +137,12 @@ class Settings:
 
 _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dev": {},
-    "test": {"state_capacity": 1 << 16, "snapshot_interval_s": 5.0, "grace_period_s": 3.0},
+    "test": {
+        "state_capacity": 1 << 16,
+        "snapshot_interval_s": 5.0,
+        "grace_period_s": 3.0,
+        "shadow_flush_seconds": 0.5,
+    },
     "staging": {"host": "0.0.0.0"},
     "prod": {"host": "0.0.0.0", "log_level": "WARNING"},
 }

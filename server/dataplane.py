@@ -30,6 +30,16 @@ BATCH_COLUMNS = (
 )  # fmt: skip
 
 
+class Mirror(Protocol):
+    """Where scored requests are offered for shadow scoring (riskwire.shadow.mirror)."""
+
+    active: bool
+
+    def offer_one(self, *args: object) -> None: ...
+
+    def offer_batch(self, *args: object) -> None: ...
+
+
 class FeatureState(Protocol):
     """Per-card state that turns encoded transactions into feature rows."""
 
@@ -93,8 +103,10 @@ class DataPlane:
         default_top_reasons: int = 3,
         max_batch_rows: int = 100_000,
         clock_ms: Callable[[], int] = _now_ms,
+        mirror: Mirror | None = None,
     ) -> None:
         self.registry = registry
+        self.mirror = mirror
         self._state = state
         self._default_top_reasons = default_top_reasons
         self.max_batch_rows = max_batch_rows
@@ -129,9 +141,12 @@ class DataPlane:
         event_time_ms: int,
         top_reasons: int,
         field_prefix: str = "transaction.",
+        request_id: str = "",
+        transaction_id: str = "",
     ) -> ScoreOutcome:
         """Score one transaction, updating its card's state (``field_prefix`` starts the
-        field names in error messages)."""
+        field names in error messages); mirror it to the shadow if one is active."""
+        started = time.perf_counter()
         _check_row(card_id, merchant_id, amount, event_time_ms, field_prefix)
         scratch = self._scratch
         tx = scratch.tx
@@ -145,24 +160,40 @@ class DataPlane:
         tx.currency[0] = encoding.CURRENCY_CODES.get(currency, encoding.UNKNOWN_CODE)
         tx.channel[0] = encoding.CHANNEL_CODES.get(channel, encoding.UNKNOWN_CODE)
         row = self._state.update(tx, scratch.features)[0]
+        reasons = []
         if not top_reasons:
             probability = model.forest.predict_row(row)
-            _check_probability(probability, model)
-            return ScoreOutcome(probability, model.decision(probability), [])
-        top_index, top_value = scratch.top_index, scratch.top_value
-        probability = model.forest.predict_row_reasons(
-            row, top_reasons, top_index, top_value, scratch.contributions
-        )
-        _check_probability(probability, model)
-        names = model.feature_names
-        reasons = [
-            (names[j], value, float(row[j]))
-            for j, value in zip(
-                top_index[:top_reasons].tolist(), top_value[:top_reasons].tolist(), strict=True
+        else:
+            top_index, top_value = scratch.top_index, scratch.top_value
+            probability = model.forest.predict_row_reasons(
+                row, top_reasons, top_index, top_value, scratch.contributions
             )
-            if j >= 0
-        ]
-        return ScoreOutcome(probability, model.decision(probability), reasons)
+            names = model.feature_names
+            reasons = [
+                (names[j], value, float(row[j]))
+                for j, value in zip(
+                    top_index[:top_reasons].tolist(), top_value[:top_reasons].tolist(), strict=True
+                )
+                if j >= 0
+            ]
+        _check_probability(probability, model)
+        decision = model.decision(probability)
+        mirror = self.mirror
+        if mirror is not None and mirror.active:
+            mirror.offer_one(
+                model.name,
+                model.version,
+                request_id,
+                transaction_id,
+                int(tx.event_time_ms[0]),
+                int(tx.card_key[0]),
+                probability,
+                decision,
+                (time.perf_counter() - started) * 1e6,
+                row.copy(),
+                (channel, country, card_country, currency, mcc, amount),
+            )
+        return ScoreOutcome(probability, decision, reasons)
 
     def score_batch(
         self,
@@ -171,12 +202,15 @@ class DataPlane:
         *,
         top_reasons: int = 0,
         all_or_nothing: bool = False,
+        request_id: str = "",
     ) -> BatchOutcome:
         """Score rows in order; invalid rows get an error each and leave the state alone.
 
         With ``all_or_nothing`` the first invalid row raises InvalidInputError before
         any state is touched (tensor APIs, where a request succeeds or fails whole).
+        Scored rows are mirrored to an active shadow as ``<request_id>/<row>``.
         """
+        started = time.perf_counter()
         rows = len(columns["amount"])
         if rows > self.max_batch_rows:
             raise InvalidInputError(
@@ -219,7 +253,43 @@ class DataPlane:
             if reasons is not None:
                 for j, i in enumerate(valid):
                     reasons[i] = _reasons(model, features[j], top_reasons)
+            mirror = self.mirror
+            if mirror is not None and mirror.active:
+                mirror.offer_batch(
+                    model.name,
+                    model.version,
+                    request_id,
+                    columns.get("transaction_id"),
+                    tx.event_time_ms,
+                    tx.card_key,
+                    scores,
+                    decisions[valid],
+                    (time.perf_counter() - started) * 1e6 / len(valid),
+                    features,
+                    columns,
+                    valid,
+                )
         return BatchOutcome(probabilities, decisions, reasons, errors)
+
+    def score_features(self, model: ModelRuntime, features: np.ndarray) -> BatchOutcome:
+        """Score ready-made feature rows (n, NUM_FEATURES): stateless, never mirrored.
+
+        This is how a primary riskwire, or any client with its own feature pipeline,
+        uses this server as a plain model endpoint (e.g. as a remote shadow target).
+        """
+        if features.ndim != 2 or features.shape[1] != NUM_FEATURES:
+            raise InvalidInputError(
+                f"features: expected shape [n, {NUM_FEATURES}], got {list(features.shape)}",
+                field="features",
+            )
+        if len(features) > self.max_batch_rows:
+            raise InvalidInputError(
+                f"features: {len(features)} rows exceed the limit of {self.max_batch_rows}",
+                field="features",
+            )
+        scores = model.forest.predict(features, num_threads=1)
+        _check_probabilities(scores, model)
+        return BatchOutcome(scores, model.decisions(scores), None, {})
 
 
 def _take(values: Sequence, index: np.ndarray, subset: bool) -> Sequence:

@@ -3,6 +3,8 @@
     supervisor ──spawn──▶ worker 0 … worker N-1   (SO_REUSEPORT on one port)
         │ shared memory: per-card state table (its spinlock in its header)
         │ events queue: WorkerReady / WorkerFailed
+        │ run dir: shadow control file (written here), workers' shadow stats
+        │ admin API (control plane) on its own port
         └ periodic and final state snapshots
 
 A worker that dies is replaced after ``restart_backoff_s``; a worker that reports a
@@ -15,14 +17,27 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
-from .config import Settings, replace
+from riskwire.shadow.config import ShadowConfigError, write_control
+
+from .admin import (
+    CONTROL_FILE,
+    STATS_DIR,
+    check_local_target,
+    shadow_config_from_settings,
+    start_admin_server,
+)
+from .config import Settings, SettingsError, replace
+from .errors import ModelNotFoundError
 from .state import SharedCardState
 from .worker import WorkerFailed, WorkerReady, configure_logging, run_worker
 
@@ -69,6 +84,8 @@ class Supervisor:
         cpus = _cpu_plan(len(self._slots)) if self.settings.pin_workers else None
         self._cpus = cpus or [None] * len(self._slots)
         self._state: SharedCardState | None = None
+        self._own_run_dir = False
+        self.admin_port: int | None = None
 
     def run(self) -> int:
         """Serve until asked to stop; returns the process exit status."""
@@ -83,13 +100,41 @@ class Supervisor:
         )
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        admin = None
         try:
+            run_dir = self._prepare_run_dir()
+            admin, self.admin_port = start_admin_server(self.settings, run_dir)
+            log.info("admin API on %s:%d", settings.admin_host, self.admin_port)
             for slot in self._slots:
                 self._start(slot)
             self._loop()
         finally:
             self._shutdown()
+            if admin is not None:
+                admin.stop(1.0)
+            if self._own_run_dir:
+                shutil.rmtree(self.settings.run_dir, ignore_errors=True)
         return 1 if self._failed else 0
+
+    def _prepare_run_dir(self) -> Path:
+        """Create the run directory and write the start-up shadow configuration."""
+        if self.settings.run_dir:
+            run_dir = Path(self.settings.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = Path(tempfile.mkdtemp(prefix="riskwire-run-"))
+            self._own_run_dir = True
+            self.settings = replace(self.settings, run_dir=str(run_dir))
+        for stale in (run_dir / STATS_DIR).glob("worker-*.json"):
+            stale.unlink()
+        settings = self.settings
+        try:
+            config = shadow_config_from_settings(settings)
+            check_local_target(Path(settings.models), config, settings.default_model)
+        except (ShadowConfigError, ModelNotFoundError) as exc:
+            raise SettingsError(f"shadow: {exc}") from None
+        write_control(run_dir / CONTROL_FILE, config)
+        return run_dir
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self._stopping:

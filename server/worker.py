@@ -95,7 +95,7 @@ def run_worker(
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
-        server, health, state = _build_server(worker_id, settings, state_name, events)
+        server, health, state, mirror = _build_server(worker_id, settings, state_name, events)
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
         log.exception("worker %d failed to start", worker_id)
         events.put(
@@ -117,6 +117,7 @@ def run_worker(
 
     signal.signal(signal.SIGTERM, on_sigterm)
     server.wait_for_termination()
+    mirror.stop(timeout_s=settings.grace_period_s)
     state.close()
     log.info("stopped")
     logging.shutdown()
@@ -131,11 +132,12 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
 
     from riskwire.kernels import features
     from riskwire.protos import inference_pb2_grpc, scoring_pb2_grpc
+    from riskwire.shadow.labels import LabelStore
 
     from .dataplane import DataPlane
     from .grpc.inference import InferenceServicer
     from .grpc.reflection import enable_reflection
-    from .grpc.scoring import ScoringServicer
+    from .grpc.scoring import RequestIds, ScoringServicer
     from .registry import ModelRegistry
     from .state import SharedCardState
 
@@ -147,12 +149,15 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     features.warmup()
     for runtime in runtimes:
         runtime.warmup()
+    mirror = _start_mirror(worker_id, settings, registry)
     dataplane = DataPlane(
         registry,
         state,
         default_top_reasons=settings.default_top_reasons,
         max_batch_rows=settings.max_batch_rows,
+        mirror=mirror,
     )
+    labels = LabelStore(settings.shadow_path, worker_id)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(
@@ -163,9 +168,10 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     serving = threading.Event()
-    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(dataplane), server)
+    ids = RequestIds()
+    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(dataplane, labels, ids), server)
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane, serving.is_set), server
+        InferenceServicer(dataplane, serving.is_set, ids), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([*SERVICE_NAMES, health.SERVICE_NAME], server)
@@ -179,4 +185,50 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     serving.set()
     events.put(WorkerReady(worker_id, os.getpid(), tuple(registry.names())))
     log.info("serving %s on %s", ", ".join(r.name + " v" + r.version for r in runtimes), address)
-    return server, health_servicer, state
+    return server, health_servicer, state, mirror
+
+
+def _start_mirror(worker_id, settings, registry):  # noqa: ANN001, ANN202
+    """This worker's shadow mirror, configured from the supervisor's control file."""
+    from riskwire.shadow.mirror import MirrorSettings, ShadowMirror
+    from riskwire.shadow.records import RECORDS
+    from riskwire.shadow.targets import LocalTarget
+
+    from .admin import CONTROL_FILE, STATS_DIR
+    from .errors import ModelNotFoundError
+
+    def resolve_local(name: str, version: str) -> LocalTarget:
+        try:
+            runtime = registry.get(name, version)
+        except ModelNotFoundError:
+            if not version:
+                raise
+            runtime = registry.load(Path(settings.models) / name / version)
+            runtime.warmup()
+        return LocalTarget(
+            runtime.name,
+            runtime.version,
+            runtime.forest,
+            runtime.review_threshold,
+            runtime.decline_threshold,
+        )
+
+    run_dir = Path(settings.run_dir)
+    mirror = ShadowMirror(
+        worker_id,
+        MirrorSettings(
+            records_dir=settings.shadow_path / RECORDS,
+            stats_path=run_dir / STATS_DIR / f"worker-{worker_id}-{os.getpid()}.json",
+            control_path=run_dir / CONTROL_FILE,
+            queue_size=settings.shadow_queue_size,
+            batch_rows=settings.shadow_batch_rows,
+            flush_rows=settings.shadow_flush_rows,
+            flush_seconds=settings.shadow_flush_seconds,
+            record_features=settings.shadow_record_features,
+        ),
+        resolve_local,
+        settings.default_model,
+    )
+    mirror.refresh()  # apply the current configuration before taking traffic
+    mirror.start()
+    return mirror

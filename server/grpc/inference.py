@@ -13,8 +13,16 @@ from riskwire.protos import inference_pb2_grpc
 from ..dataplane import BATCH_COLUMNS, DataPlane
 from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
+from .scoring import RequestIds
 from .status import check_deadline, item_error, unary
-from .tensors import INPUTS, OUTPUT_NAMES, OUTPUTS, decode_inputs, encode_bytes_elements
+from .tensors import (
+    INPUTS,
+    OUTPUT_NAMES,
+    OUTPUTS,
+    decode_features,
+    decode_inputs,
+    encode_bytes_elements,
+)
 
 PLATFORM = "riskwire_lightgbm"
 EXTENSIONS = ("model_configuration",)
@@ -29,9 +37,12 @@ _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol v2 on top of :class:`DataPlane`."""
 
-    def __init__(self, dataplane: DataPlane, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, dataplane: DataPlane, is_ready: Callable[[], bool], ids: RequestIds | None = None
+    ) -> None:
         self._dataplane = dataplane
         self._is_ready = is_ready
+        self._ids = ids or RequestIds()
 
     # ---------------------------------------------------------------- health & metadata
     @unary
@@ -106,12 +117,17 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             raise InvalidInputError("model name is required", field="name")
         return self._dataplane.model(name, version)
 
-    def _score_single(self, model: ModelRuntime, columns: dict) -> tuple[list, list]:
+    def _score_single(
+        self, model: ModelRuntime, columns: dict, request_id: str
+    ) -> tuple[list, list]:
+        transaction_ids = columns.get("transaction_id")
         outcome = self._dataplane.score_one(
             model,
             **{name: _first(columns[name]) for name in BATCH_COLUMNS},
             top_reasons=0,
             field_prefix="row 0: input ",
+            request_id=request_id,
+            transaction_id=transaction_ids[0] if transaction_ids else "",
         )
         return [outcome.probability], [outcome.decision]
 
@@ -125,16 +141,24 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                     f"unknown output '{clip(name)}'; the model produces {', '.join(OUTPUT_NAMES)}",
                     field=name,
                 )
-        columns, rows = decode_inputs(request, dataplane.max_batch_rows)
-        if rows == 1:  # the common online case: the allocation-free single-row path
-            probabilities, decisions = self._score_single(model, columns)
+        features = decode_features(request, dataplane.max_batch_rows)
+        request_id = request.id or self._ids.next()
+        if features is not None:  # ready-made feature rows: stateless scoring
+            outcome = dataplane.score_features(model, features)
+            probabilities, decisions, rows = outcome.probabilities, outcome.decisions, len(features)
         else:
-            # All or nothing: a tensor request with a bad row must not touch card state.
-            outcome = dataplane.score_batch(model, columns, all_or_nothing=True)
-            probabilities, decisions = outcome.probabilities, outcome.decisions
+            columns, rows = decode_inputs(request, dataplane.max_batch_rows)
+            if rows == 1:  # the common online case: the allocation-free single-row path
+                probabilities, decisions = self._score_single(model, columns, request_id)
+            else:
+                # All or nothing: a tensor request with a bad row must not touch card state.
+                outcome = dataplane.score_batch(
+                    model, columns, all_or_nothing=True, request_id=request_id
+                )
+                probabilities, decisions = outcome.probabilities, outcome.decisions
         shape = [rows, 1] if len(request.inputs[0].shape) == 2 else [rows]
         response = pb.ModelInferResponse(
-            model_name=model.name, model_version=model.version, id=request.id
+            model_name=model.name, model_version=model.version, id=request_id
         )
         for name in wanted:
             if name == "probability":

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import grpc
 
 from riskwire.protos import scoring_pb2, scoring_pb2_grpc
+from riskwire.shadow.labels import MAX_ID_CHARS, LabelStore
 
 from ..dataplane import BATCH_COLUMNS, DataPlane, ScoreOutcome
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, NotReadyError
 from .status import check_deadline, item_error, unary
 
 DECISIONS = {
@@ -38,7 +39,10 @@ class RequestIds:
 
 def transaction_columns(transactions) -> dict[str, list]:  # noqa: ANN001 - repeated field
     """Columns of a repeated Transaction field, as the dataplane takes them."""
-    return {name: [getattr(t, name) for t in transactions] for name in BATCH_COLUMNS}
+    return {
+        name: [getattr(t, name) for t in transactions]
+        for name in (*BATCH_COLUMNS, "transaction_id")
+    }
 
 
 def _reason_messages(reasons: list[tuple[str, float, float]]) -> list:
@@ -48,13 +52,20 @@ def _reason_messages(reasons: list[tuple[str, float, float]]) -> list:
 class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     """The typed fraud API on top of :class:`DataPlane`."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        labels: LabelStore | None = None,
+        ids: RequestIds | None = None,
+    ) -> None:
         self._dataplane = dataplane
-        self._ids = RequestIds()
+        self._labels = labels
+        self._ids = ids or RequestIds()
 
     def _score(self, request: scoring_pb2.ScoreRequest) -> _Response:
         dataplane = self._dataplane
         model = dataplane.model(request.model_name, request.model_version)
+        request_id = request.request_id or self._ids.next()
         t = request.transaction
         outcome: ScoreOutcome = dataplane.score_one(
             model,
@@ -68,9 +79,11 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             channel=t.channel,
             event_time_ms=t.event_time_ms,
             top_reasons=dataplane.top_reasons_wanted(request.top_reasons),
+            request_id=request_id,
+            transaction_id=t.transaction_id,
         )
         return _Response(
-            request_id=request.request_id or self._ids.next(),
+            request_id=request_id,
             transaction_id=t.transaction_id,
             probability=outcome.probability,
             decision=DECISIONS[outcome.decision],
@@ -91,7 +104,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
         model = dataplane.model(request.model_name, request.model_version)
         top = dataplane.top_reasons_wanted(request.top_reasons, default=0)
         transactions = request.transactions
-        outcome = dataplane.score_batch(model, transaction_columns(transactions), top_reasons=top)
+        request_id = request.request_id or self._ids.next()
+        outcome = dataplane.score_batch(
+            model, transaction_columns(transactions), top_reasons=top, request_id=request_id
+        )
         results = []
         for i, t in enumerate(transactions):
             error = outcome.errors.get(i)
@@ -115,11 +131,25 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
                 )
             )
         return scoring_pb2.ScoreBatchResponse(
-            request_id=request.request_id or self._ids.next(),
+            request_id=request_id,
             model_name=model.name,
             model_version=model.version,
             results=results,
         )
+
+    @unary
+    def Feedback(self, request: scoring_pb2.FeedbackRequest, context: grpc.ServicerContext):
+        if self._labels is None:
+            raise NotReadyError("this server does not store labels")
+        outcomes = request.outcomes
+        if len(outcomes) > self._dataplane.max_batch_rows:
+            raise InvalidInputError(
+                f"{len(outcomes)} outcomes exceed the limit of "
+                f"{self._dataplane.max_batch_rows} per call",
+                field="outcomes",
+            )
+        rows = [_label_row(i, outcome) for i, outcome in enumerate(outcomes)]
+        return scoring_pb2.FeedbackResponse(stored=self._labels.store(rows))
 
     def ScoreStream(
         self, request_iterator: Iterator[scoring_pb2.ScoreRequest], context: grpc.ServicerContext
@@ -137,3 +167,31 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
                     transaction_id=request.transaction.transaction_id,
                     error=scoring_pb2.ItemError(code=code, message=message),
                 )
+
+
+_LABEL_VALUES = {scoring_pb2.LABEL_LEGITIMATE: 0, scoring_pb2.LABEL_FRAUD: 1}
+
+
+def _label_row(index: int, outcome: scoring_pb2.LabelledOutcome) -> tuple[str, str, int, int]:
+    """(request_id, transaction_id, 0/1, labelled_at_ms) of one outcome, or the error."""
+    field = f"outcomes[{index}]"
+    if not outcome.request_id and not outcome.transaction_id:
+        raise InvalidInputError(
+            f"{field}: set request_id or transaction_id to say which request this labels",
+            field=field,
+        )
+    if max(len(outcome.request_id), len(outcome.transaction_id)) > MAX_ID_CHARS:
+        raise InvalidInputError(f"{field}: ids are limited to {MAX_ID_CHARS} characters")
+    label = _LABEL_VALUES.get(outcome.label)
+    if label is None:
+        raise InvalidInputError(
+            f"{field}.label: expected LABEL_LEGITIMATE or LABEL_FRAUD, got {outcome.label}",
+            field=f"{field}.label",
+        )
+    if outcome.labelled_at_ms < 0:
+        raise InvalidInputError(
+            f"{field}.labelled_at_ms: expected epoch milliseconds >= 0 (0 = now), "
+            f"got {outcome.labelled_at_ms}",
+            field=f"{field}.labelled_at_ms",
+        )
+    return outcome.request_id, outcome.transaction_id, label, outcome.labelled_at_ms

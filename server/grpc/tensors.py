@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from riskwire.kernels.schema import NUM_FEATURES
+
 from ..errors import InvalidInputError, clip
 
 
@@ -112,6 +114,39 @@ def _strings(name: str, elements: list[bytes]) -> list[str]:
         ) from None
 
 
+FEATURES_INPUT = "features"
+
+
+def decode_features(request, max_rows: int) -> np.ndarray | None:  # noqa: ANN001
+    """The (n, NUM_FEATURES) matrix of a request whose only input is ``features``
+    (FP64/FP32), or None for a request of raw transaction columns."""
+    if len(request.inputs) != 1 or request.inputs[0].name != FEATURES_INPUT:
+        return None
+    tensor = request.inputs[0]
+    dims = list(tensor.shape)
+    if len(dims) != 2 or dims[0] < 0 or dims[1] != NUM_FEATURES:
+        raise InvalidInputError(
+            f"input 'features': shape {dims} is not accepted; expected [n, {NUM_FEATURES}]",
+            field=FEATURES_INPUT,
+        )
+    if dims[0] > max_rows:
+        raise InvalidInputError(
+            f"input 'features': {dims[0]} rows exceed the limit of {max_rows} per request",
+            field=FEATURES_INPUT,
+        )
+    spec = InputSpec(FEATURES_INPUT, "FP64", ("FP64", "FP32"))
+    if tensor.datatype not in spec.accepted:
+        raise InvalidInputError(
+            f"input 'features': datatype {clip(tensor.datatype) or '(empty)'} is not accepted; "
+            "expected FP64 or FP32",
+            field=FEATURES_INPUT,
+        )
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    values = _decode_tensor(tensor, spec, dims[0] * dims[1], raw)
+    matrix = values.astype(np.float64, copy=False).reshape(dims[0], NUM_FEATURES)
+    return np.ascontiguousarray(matrix)
+
+
 def decode_inputs(request, max_rows: int) -> tuple[dict[str, object], int]:  # noqa: ANN001
     """Columns (lists / numpy arrays) and row count of a ModelInferRequest's inputs."""
     raw_contents = request.raw_input_contents
@@ -198,6 +233,6 @@ def _decode_tensor(tensor, spec: InputSpec, count: int, raw: bytes | None):  # n
                 raise InvalidInputError(
                     f"input '{name}': a value is outside the range of {datatype}", field=name
                 )
-    if spec.name == "amount":
+    if spec.datatype == "FP64":
         return values.astype(np.float64, copy=False)
     return values.astype(np.int64, copy=False)

@@ -63,6 +63,7 @@ class ServerProcess:
 
     def __init__(self, args: Sequence[str], env: dict[str, str], port: int, snapshot: Path):
         self.port = port
+        self.admin_port = int(env["RISKWIRE_ADMIN_PORT"])
         self.snapshot = snapshot
         self.args = list(args)
         self._lines: list[str] = []
@@ -83,6 +84,11 @@ class ServerProcess:
     def target(self) -> str:
         """host:port to dial."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def admin_target(self) -> str:
+        """host:port of the admin API (control plane)."""
+        return f"127.0.0.1:{self.admin_port}"
 
     @property
     def pid(self) -> int:
@@ -231,6 +237,7 @@ def server_env(snapshot: Path, extra: dict[str, str] | None = None) -> dict[str,
     """The environment for a server: no inherited RISKWIRE_*, snapshots in ``snapshot``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RISKWIRE_")}
     env["RISKWIRE_STATE_SNAPSHOT"] = str(snapshot)
+    env["RISKWIRE_ADMIN_PORT"] = str(free_port())
     env.update(extra or {})
     return env
 

@@ -1,0 +1,111 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetShadowRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShadowConfig(_message.Message):
+    __slots__ = ("enabled", "primary", "model", "version", "endpoint", "rate_percent", "filter", "timeout_s", "endpoint_input", "generation")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    RATE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_INPUT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    primary: str
+    model: str
+    version: str
+    endpoint: str
+    rate_percent: float
+    filter: str
+    timeout_s: float
+    endpoint_input: str
+    generation: int
+    def __init__(self, enabled: _Optional[bool] = ..., primary: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., rate_percent: _Optional[float] = ..., filter: _Optional[str] = ..., timeout_s: _Optional[float] = ..., endpoint_input: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class ShadowStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlipCount(_message.Message):
+    __slots__ = ("from_decision", "to_decision", "count")
+    FROM_DECISION_FIELD_NUMBER: _ClassVar[int]
+    TO_DECISION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    from_decision: str
+    to_decision: str
+    count: int
+    def __init__(self, from_decision: _Optional[str] = ..., to_decision: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ShadowPairStatus(_message.Message):
+    __slots__ = ("primary_model", "primary_version", "shadow_model", "shadow_version", "mirrored", "dropped", "failed", "scored", "agreement_rate", "flips", "mean_abs_delta", "max_abs_delta", "correlation", "psi")
+    PRIMARY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_RATE_FIELD_NUMBER: _ClassVar[int]
+    FLIPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    primary_model: str
+    primary_version: str
+    shadow_model: str
+    shadow_version: str
+    mirrored: int
+    dropped: int
+    failed: int
+    scored: int
+    agreement_rate: float
+    flips: _containers.RepeatedCompositeFieldContainer[FlipCount]
+    mean_abs_delta: float
+    max_abs_delta: float
+    correlation: float
+    psi: float
+    def __init__(self, primary_model: _Optional[str] = ..., primary_version: _Optional[str] = ..., shadow_model: _Optional[str] = ..., shadow_version: _Optional[str] = ..., mirrored: _Optional[int] = ..., dropped: _Optional[int] = ..., failed: _Optional[int] = ..., scored: _Optional[int] = ..., agreement_rate: _Optional[float] = ..., flips: _Optional[_Iterable[_Union[FlipCount, _Mapping]]] = ..., mean_abs_delta: _Optional[float] = ..., max_abs_delta: _Optional[float] = ..., correlation: _Optional[float] = ..., psi: _Optional[float] = ...) -> None: ...
+
+class WorkerShadowStatus(_message.Message):
+    __slots__ = ("worker", "pid", "generation", "active", "target_error", "queued", "records_written")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ERROR_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    pid: int
+    generation: int
+    active: bool
+    target_error: str
+    queued: int
+    records_written: int
+    def __init__(self, worker: _Optional[int] = ..., pid: _Optional[int] = ..., generation: _Optional[int] = ..., active: _Optional[bool] = ..., target_error: _Optional[str] = ..., queued: _Optional[int] = ..., records_written: _Optional[int] = ...) -> None: ...
+
+class ShadowStatusResponse(_message.Message):
+    __slots__ = ("config", "pairs", "workers", "records_dir")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_DIR_FIELD_NUMBER: _ClassVar[int]
+    config: ShadowConfig
+    pairs: _containers.RepeatedCompositeFieldContainer[ShadowPairStatus]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerShadowStatus]
+    records_dir: str
+    def __init__(self, config: _Optional[_Union[ShadowConfig, _Mapping]] = ..., pairs: _Optional[_Iterable[_Union[ShadowPairStatus, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerShadowStatus, _Mapping]]] = ..., records_dir: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,212 @@
+"""The control plane: riskwire.v1.Admin, served by the supervisor on its own port.
+
+    admin client ──gRPC──▶ supervisor: AdminServicer
+                               │ writes   <run_dir>/shadow.json          (ShadowConfig)
+                               │ reads    <run_dir>/shadow-stats/*.json  (per worker)
+                               ▼
+                 every worker's shadow scorer polls shadow.json (≤ 0.25 s)
+
+Loopback only by default (``admin_host``); authentication arrives with the security work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from riskwire.protos import admin_pb2, admin_pb2_grpc
+from riskwire.shadow.compare import DECISIONS, PairStats
+from riskwire.shadow.config import ShadowConfig, ShadowConfigError, read_control, write_control
+
+from .config import Settings
+from .errors import InvalidInputError, ModelNotFoundError
+from .grpc.reflection import enable_reflection
+from .grpc.status import unary
+
+log = logging.getLogger(__name__)
+
+ADMIN_SERVICE = "riskwire.v1.Admin"
+CONTROL_FILE = "shadow.json"
+STATS_DIR = "shadow-stats"
+
+
+def shadow_config_from_settings(settings: Settings) -> ShadowConfig:
+    """The start-up shadow configuration (``shadow_model`` is "version" or "name:version")."""
+    name, _, version = settings.shadow_model.rpartition(":")
+    enabled = bool(settings.shadow_model or settings.shadow_endpoint)
+    return ShadowConfig(
+        enabled=enabled,
+        model=name,
+        version=version,
+        endpoint=settings.shadow_endpoint,
+        rate_percent=settings.shadow_rate,
+        filter=settings.shadow_filter,
+        timeout_s=settings.shadow_timeout_s,
+    ).validate()
+
+
+def check_local_target(models_dir: Path, config: ShadowConfig, default_model: str) -> None:
+    """Refuse a local shadow whose package does not exist (before any worker tries it)."""
+    if not config.enabled or config.endpoint:
+        return
+    name = config.model or config.primary or default_model
+    if not (models_dir / name / config.version / "MANIFEST.sha256").is_file():
+        raise ModelNotFoundError(
+            f"shadow model {name} version {config.version} has no package under {models_dir}"
+        )
+
+
+def read_worker_stats(stats_dir: Path) -> tuple[list[dict], dict[tuple, PairStats]]:
+    """Every worker's published stats and the pairs merged across workers.
+
+    Stats files of workers that died stay and keep counting, so a restart loses no counts.
+    """
+    workers, merged = [], {}
+    for path in sorted(stats_dir.glob("worker-*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now; the next read sees it
+        workers.append(payload)
+        for pair in payload["pairs"]:
+            key = tuple(pair[k] for k in ("primary_model", "primary_version"))
+            key += (pair["shadow_model"], pair["shadow_version"])
+            stats = PairStats.from_dict(pair["stats"])
+            if key in merged:
+                merged[key].merge(stats)
+            else:
+                merged[key] = stats
+    return workers, merged
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _to_proto(config: ShadowConfig) -> admin_pb2.ShadowConfig:
+    return admin_pb2.ShadowConfig(
+        enabled=config.enabled,
+        primary=config.primary,
+        model=config.model,
+        version=config.version,
+        endpoint=config.endpoint,
+        rate_percent=config.rate_percent,
+        filter=config.filter,
+        timeout_s=config.timeout_s,
+        endpoint_input=config.endpoint_input,
+        generation=config.generation,
+    )
+
+
+def _from_proto(message: admin_pb2.ShadowConfig) -> ShadowConfig:
+    try:
+        return ShadowConfig(
+            enabled=message.enabled,
+            primary=message.primary,
+            model=message.model,
+            version=message.version,
+            endpoint=message.endpoint,
+            endpoint_input=message.endpoint_input or "features",
+            rate_percent=message.rate_percent,
+            filter=message.filter,
+            timeout_s=message.timeout_s or 1.0,
+        ).validate()
+    except ShadowConfigError as exc:
+        raise InvalidInputError(str(exc)) from None
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """Shadow configuration and status for the whole server."""
+
+    def __init__(self, settings: Settings, run_dir: Path) -> None:
+        self._settings = settings
+        self._control = run_dir / CONTROL_FILE
+        self._stats_dir = run_dir / STATS_DIR
+
+    @unary
+    def GetShadow(self, request, context):
+        return _to_proto(read_control(self._control) or ShadowConfig())
+
+    @unary
+    def SetShadow(self, request, context):
+        config = _from_proto(request)
+        check_local_target(Path(self._settings.models), config, self._settings.default_model)
+        stored = write_control(self._control, config)
+        log.info("shadow configuration %d: %s", stored.generation, stored.to_json())
+        return _to_proto(stored)
+
+    @unary
+    def ShadowStatus(self, request, context):
+        workers, merged = read_worker_stats(self._stats_dir)
+        response = admin_pb2.ShadowStatusResponse(
+            config=_to_proto(read_control(self._control) or ShadowConfig()),
+            records_dir=str(self._settings.shadow_path / "records"),
+        )
+        for key, stats in sorted(merged.items()):
+            summary = stats.summary()
+            pair = response.pairs.add(
+                primary_model=key[0],
+                primary_version=key[1],
+                shadow_model=key[2],
+                shadow_version=key[3],
+                **{
+                    name: summary[name]
+                    for name in ("mirrored", "dropped", "failed", "scored", "agreement_rate")
+                },
+                mean_abs_delta=summary["mean_abs_delta"],
+                max_abs_delta=summary["max_abs_delta"],
+                correlation=summary["correlation"],
+                psi=summary["psi"],
+            )
+            for i, source in enumerate(DECISIONS):
+                for j, target in enumerate(DECISIONS):
+                    if i != j:
+                        pair.flips.add(
+                            from_decision=source, to_decision=target, count=int(stats.flips[i, j])
+                        )
+        for payload in workers:
+            if not _pid_alive(payload["pid"]):
+                continue
+            response.workers.add(
+                worker=payload["worker"],
+                pid=payload["pid"],
+                generation=payload["generation"],
+                active=payload["active"],
+                target_error=payload["target_error"] or "",
+                queued=payload["queued"],
+                records_written=payload["records_written"],
+            )
+        return response
+
+
+def start_admin_server(settings: Settings, run_dir: Path) -> tuple[grpc.Server, int]:
+    """Serve the Admin API (plus health and reflection); returns the server and its port."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"),
+        options=[("grpc.so_reuseport", 0)],  # a second server must not share this port
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(settings, run_dir), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection([ADMIN_SERVICE, health.SERVICE_NAME], server)
+    address = f"{settings.admin_host}:{settings.admin_port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"admin API cannot listen on {address}")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
