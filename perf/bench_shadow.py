@@ -90,6 +90,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         "RISKWIRE_STATE_SNAPSHOT": str(out / "cards.snapshot"),
         "RISKWIRE_ADMIN_PORT": str(admin_port),
         "RISKWIRE_SHADOW_DIR": str(out / "shadow"),
+        "RISKWIRE_SHADOW_FLUSH_SECONDS": "5",  # the production default, not the test profile's
     }
     server = loadgen.ServerProcess(
         "riskwire", command, f"127.0.0.1:{port}", out / "riskwire.log", env

@@ -63,7 +63,7 @@ class Settings:
     shadow_timeout_s: float = 1.0  # per remote shadow call
     shadow_dir: str = ""  # paired records and labels; "" = <models>/.shadow
     shadow_queue_size: int = 10_000  # per worker; a full queue drops (and counts) mirrors
-    shadow_batch_rows: int = 512  # rows the shadow scorer takes per kernel/remote call
+    shadow_batch_rows: int = 256  # rows per shadow kernel/remote call
     shadow_flush_rows: int = 10_000  # records per Parquet segment, at most
     shadow_flush_seconds: float = 5.0  # records buffered for at most this long
     shadow_record_features: bool = True  # store the feature vector in each record

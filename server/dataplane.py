@@ -35,6 +35,8 @@ class Mirror(Protocol):
 
     active: bool
 
+    def sampled(self) -> bool: ...
+
     def offer_one(self, *args: object) -> None: ...
 
     def offer_batch(self, *args: object) -> None: ...
@@ -179,7 +181,7 @@ class DataPlane:
         _check_probability(probability, model)
         decision = model.decision(probability)
         mirror = self.mirror
-        if mirror is not None and mirror.active:
+        if mirror is not None and mirror.active and mirror.sampled():
             mirror.offer_one(
                 model.name,
                 model.version,

@@ -53,11 +53,13 @@ class MirrorSettings:
     stats_path: Path
     control_path: Path | None = None
     queue_size: int = 10_000
-    batch_rows: int = 512
+    batch_rows: int = 256
     flush_rows: int = 10_000
     flush_seconds: float = 5.0
     record_features: bool = True
     poll_s: float = 0.25  # control-file poll and stats publication interval
+    max_delay_s: float = 0.05  # longest a mirrored request waits for a fuller batch
+    idle_sleep_s: float = 0.01
 
 
 @dataclass(slots=True)
@@ -73,6 +75,22 @@ class _Batch:
     decisions: np.ndarray
     latency_us: float
     features: np.ndarray
+
+
+def _unpin() -> None:
+    """Let the calling thread run on any core the machine allows, not only the worker's
+    pinned one: its GIL-free work (kernels, compression, fsync) can then use an idle core
+    instead of queueing behind the worker's request threads."""
+    try:
+        os.sched_setaffinity(threading.get_native_id(), range(os.cpu_count() or 1))
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        pass
+
+
+def _yield_gil() -> None:
+    """Let request threads waiting for the GIL run now: the scorer's Python steps are
+    short, so no request waits for the interpreter's 5 ms switch interval."""
+    time.sleep(0)
 
 
 class ShadowMirror:
@@ -121,6 +139,11 @@ class ShadowMirror:
             self._apply(initial)
 
     # ------------------------------------------------------------------ hot path
+    def sampled(self) -> bool:
+        """Whether to mirror the next single request (the configured rate)."""
+        rate = self._rate
+        return rate >= 100.0 or self._random() * 100.0 < rate
+
     def offer_one(
         self,
         model_name: str,
@@ -135,14 +158,13 @@ class ShadowMirror:
         features: np.ndarray,
         filter_values: tuple,
     ) -> None:
-        """Mirror one scored request if it is sampled and passes the filter (never blocks).
+        """Mirror one scored request if it passes the filter (never blocks).
 
-        ``features`` must be the caller's own copy; ``filter_values`` is (channel,
+        The caller samples first (:meth:`sampled`), so unsampled requests cost nothing
+        more; ``features`` must be the caller's own copy; ``filter_values`` is (channel,
         country, card_country, currency, mcc, amount).
         """
         if model_name != self._primary:
-            return
-        if self._rate < 100.0 and self._random() * 100.0 >= self._rate:
             return
         wanted = self._filter
         if wanted is not None and not wanted(*filter_values):
@@ -227,23 +249,32 @@ class ShadowMirror:
 
     # ------------------------------------------------------------------ scorer thread
     def _run(self) -> None:
-        next_poll = 0.0
+        """Score queued requests in batches: when ``batch_rows`` are waiting or the oldest
+        has waited ``max_delay_s``. Few large batches keep the thread's share of the GIL
+        (and so its effect on the primary's latency) small."""
+        settings = self.settings
+        _unpin()
+        next_poll = last_batch = 0.0
         while True:
             stopping = self._stop.is_set()
             now = time.monotonic()
             if now >= next_poll and not stopping:
-                next_poll = now + self.settings.poll_s
+                next_poll = now + settings.poll_s
                 self.refresh()
                 self._publish()
-            items = self._take(self.settings.batch_rows)
-            if items:
-                self._score(items)
-            elif stopping:
+            waiting = len(self._queue)
+            full = waiting >= settings.batch_rows
+            if waiting and (full or stopping or now - last_batch >= settings.max_delay_s):
+                self._score(self._take(settings.batch_rows))
+                last_batch = now
+                continue
+            if stopping:
                 return
-            else:
-                if self._writer.maybe_flush(now) is not None:
-                    self._stats_dirty = True  # records_written changed
-                time.sleep(0.002)
+            if self._writer.maybe_flush(now) is not None:
+                self._stats_dirty = True  # records_written changed
+            if not waiting:
+                last_batch = now  # the next request starts a fresh wait
+            time.sleep(settings.idle_sleep_s)
 
     def _take(self, limit: int) -> list:
         items, rows, queue = [], 0, self._queue
@@ -271,6 +302,8 @@ class ShadowMirror:
             log.error("shadow control file %s unreadable: %s", path, exc)
             return
         if config is not None and config.generation != self._config.generation:
+            while self._queue:  # what was mirrored under the old target is scored by it
+                self._score(self._take(self.settings.batch_rows))
             self._apply(config)
 
     def _apply(self, config: ShadowConfig) -> None:
@@ -318,6 +351,7 @@ class ShadowMirror:
         )
 
     def _score(self, items: list) -> None:
+        """Score taken items and record them (the steps yield the GIL between them)."""
         singles = [item for item in items if not isinstance(item, _Batch)]
         batches = [item for item in items if isinstance(item, _Batch)]
         if singles:
@@ -357,6 +391,7 @@ class ShadowMirror:
             except Exception as exc:  # noqa: BLE001 - any shadow failure is recorded
                 error = f"{type(exc).__name__}: {exc}"[:500]
                 shadow = np.full(rows, np.nan)
+        _yield_gil()
         shadow_latency_us = (time.perf_counter() - started) * 1e6 / rows
         name, version = self._shadow_label
         ok = ~np.isnan(shadow)
@@ -381,6 +416,7 @@ class ShadowMirror:
                 batch.probabilities[good], shadow[good], primary_codes[good], shadow_codes[good]
             )
         self._stats_dirty = True
+        _yield_gil()
         shadow_decisions = np.where(ok, _DECISION_ARRAY[np.clip(shadow_codes, 0, 2)], None)
         columns: list = [
             batch.request_ids,

@@ -153,7 +153,10 @@ class SegmentWriter:
                 return None
             chunks, self._chunks = self._chunks, [[] for _ in self.schema]
             rows, self._rows = self._rows, 0
-        arrays = [_column(c, f.type) for c, f in zip(chunks, self.schema, strict=True)]
+        arrays = []
+        for column, field in zip(chunks, self.schema, strict=True):
+            arrays.append(_column(column, field.type))
+            time.sleep(0)  # a request thread waiting for the GIL goes first
         path = self._write(pa.Table.from_arrays(arrays, schema=self.schema))
         self.segments_written += 1
         self.rows_written += rows

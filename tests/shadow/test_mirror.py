@@ -143,8 +143,9 @@ def test_sampling_and_filter_choose_what_is_mirrored(tmp_path) -> None:
     offer(mirror, 2, 0.1, values=("pos", "DE", "DE", "EUR", 5411, 100.0))
     assert mirror.queued() == 1
     mirror._apply(ShadowConfig(enabled=True, version="1", rate_percent=0.0))
-    offer(mirror, 3, 0.1)
-    assert mirror.queued() == 1
+    assert not any(mirror.sampled() for _ in range(1000))
+    mirror._apply(ShadowConfig(enabled=True, version="1", rate_percent=25.0))
+    assert 150 < sum(mirror.sampled() for _ in range(1000)) < 350
     mirror._apply(ShadowConfig(enabled=False))
     assert not mirror.active  # callers check `active` before offering
 
