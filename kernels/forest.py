@@ -523,7 +523,8 @@ class Forest:
                 f"X must be 2-D with {self._num_feature} columns (one per model feature), "
                 f"got shape {X.shape}"
             )
-        return np.ascontiguousarray(X)
+        X = np.ascontiguousarray(X)
+        return X if X.flags.writeable else X.copy()  # the kernels take writable arrays
 
     def _as_row(self, x: Any) -> np.ndarray:
         x = _as_float64(x, "x")

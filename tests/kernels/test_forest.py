@@ -219,6 +219,15 @@ def test_single_row_equals_batch(name, forests):
         assert forest.predict(X[:n], raw_score=True).tolist() == batch_raw[:n].tolist()
 
 
+def test_read_only_input_is_accepted(forests):
+    """Rows straight from a network buffer (np.frombuffer) are read-only."""
+    X = random_rows(40, seed=3)
+    frozen = np.frombuffer(X.tobytes(), dtype=np.float64).reshape(X.shape)
+    assert not frozen.flags.writeable
+    forest = forests["categorical"]
+    assert forest.predict(frozen).tolist() == forest.predict(X).tolist()
+
+
 def test_parallel_equals_single_thread(forests):
     X = random_rows(PARALLEL_MIN_ROWS * 2 + 17, seed=5)
     forest = forests["categorical"]

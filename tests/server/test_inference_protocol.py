@@ -501,3 +501,26 @@ def test_server_healthy_after_malformed_requests(triton: TritonDriver) -> None:
     assert triton("ready")["value"] and triton("model_ready", name=MODEL)["value"]
     reply = triton("infer", inputs=input_specs(rows(1)))
     assert reply["ok"] and reply["outputs"]["probability"]["shape"] == [1]
+
+
+def test_ready_made_feature_rows_are_scored_statelessly(model_infer, oip_pb, forest) -> None:
+    """A ``features`` FP64 [n, 23] tensor (what a primary riskwire sends its remote shadow)."""
+    rng = np.random.default_rng(11)
+    features = rng.random((5, 23)) * 10
+    request = oip_pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="features", datatype="FP64", shape=[5, 23])
+    request.raw_input_contents.append(features.astype("<f8").tobytes())
+    first = model_infer(request, timeout=10)
+    second = model_infer(request, timeout=10)  # no state: the same rows score the same
+    names = [o.name for o in first.outputs]
+    probabilities = np.frombuffer(first.raw_output_contents[names.index("probability")], "<f8")
+    np.testing.assert_array_equal(probabilities, forest.predict(features))
+    assert first.raw_output_contents == second.raw_output_contents
+    typed = oip_pb.ModelInferRequest(model_name=MODEL)
+    tensor = typed.inputs.add(name="features", datatype="FP32", shape=[5, 23])
+    tensor.contents.fp32_contents.extend(features.astype(np.float32).ravel().tolist())
+    assert len(model_infer(typed, timeout=10).outputs) == 2
+    bad = oip_pb.ModelInferRequest(model_name=MODEL)
+    bad.inputs.add(name="features", datatype="FP64", shape=[5, 22])
+    bad.raw_input_contents.append(features[:, :22].astype("<f8").tobytes())
+    assert "[n, 23]" in raw_invalid(lambda: model_infer(bad, timeout=10), "features")
