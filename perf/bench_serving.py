@@ -177,7 +177,8 @@ def after_run(server: loadgen.ServerProcess, path: str, bodies: Bodies, point: P
 
 
 def h2load_point(h2load: str, server: loadgen.ServerProcess, path: str, bodies: Bodies,
-                 concurrency: int, args: argparse.Namespace, out: Path) -> Point:  # fmt: skip
+                 concurrency: int, args: argparse.Namespace, out: Path,
+                 rps_per_client: int | None = None) -> Point:  # fmt: skip
     """A warm-up run, then the measured h2load run; percentiles from its per-request log.
 
     h2load counts a gRPC error as a success (HTTP 200), but an error response carries no
@@ -191,7 +192,9 @@ def h2load_point(h2load: str, server: loadgen.ServerProcess, path: str, bodies: 
     url = f"http://{server.target}{path}"
     timeout = args.duration * 3 + 60
     for seconds in (args.warmup, args.duration):
-        command = loadgen.h2load_command(h2load, url, body, concurrency, seconds, 0, log_file)
+        command = loadgen.h2load_command(
+            h2load, url, body, concurrency, seconds, 0, log_file, rps_per_client
+        )
         if seconds == args.duration:
             log_file.unlink(missing_ok=True)  # h2load appends: drop the warm-up's requests
             try:

@@ -4,8 +4,15 @@ One riskwire server (2 workers by default) serves the demo model and mirrors to 
 shadow: the same package, so the shadow does as much work per request as the primary
 would with a candidate of the same size. Between runs the admin API switches the
 mirror rate (off → 10% → 100%, repeated in rounds so drift on the machine hits all three
-alike); each run is h2load on unary ``Score`` at one concurrency. Costs are the median
-over rounds of ``1 - rps(rate)/rps(off)`` and ``p99(rate)/p99(off) - 1``.
+alike). Each round measures, with h2load on unary ``Score``:
+
+* throughput at saturation: ``--concurrency`` connections sending as fast as answered;
+* latency at equal load: the same connections at a fixed total rate,
+  ``--load-fraction`` of the round's shadow-off throughput (what backend services see
+  at production load, below saturation).
+
+Costs are medians over rounds of ``1 - rps(rate)/rps(off)`` (saturated) and
+``p99(rate)/p99(off) - 1`` (at the fixed rate; the saturated p99 cost is reported too).
 
     python perf/bench_shadow.py [--models DIR] [--workers N] [--duration S]
         [--concurrency C] [--rounds R] [--smoke] [--json] [--out DIR]
@@ -45,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="off/10%%/100%% rounds")
+    parser.add_argument(
+        "--load-fraction",
+        type=float,
+        default=0.6,
+        help="fixed-rate runs at this fraction of the shadow-off saturated throughput",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 round of 1 s runs (CI)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--out", type=Path, default=None, help="keep logs and results here")
@@ -96,6 +109,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         "riskwire", command, f"127.0.0.1:{port}", out / "riskwire.log", env
     )
     runs: dict[str, list] = {name: [] for name in RATES}
+    fixed: dict[str, list] = {name: [] for name in RATES}
     server.start()
     try:
         server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
@@ -105,15 +119,29 @@ def run(args: argparse.Namespace, out: Path) -> dict:
                     set_rate(admin, version, rate)
                     point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
                     runs[name].append(point)
-                    print(
-                        f"round {round_index + 1} shadow {name:>4}: {point.rps:,.0f} rps, "
-                        f"p99 {point.p99_ms or 0:.2f} ms, errors {point.errors}",
-                        flush=True,
+                    _print(round_index, name, "saturated", point)
+                per_client = max(
+                    1, round(runs["off"][-1].rps * args.load_fraction / args.concurrency)
+                )
+                for name, rate in RATES.items():
+                    set_rate(admin, version, rate)
+                    point = h2load_point(
+                        h2load, server, SCORE, bodies, args.concurrency, args, out, per_client
                     )
+                    fixed[name].append(point)
+                    _print(round_index, name, f"at {per_client * args.concurrency} rps", point)
             final = admin.shadow_status()
     finally:
         server.stop()
-    return summarise(runs, final, args)
+    return summarise(runs, fixed, final, args)
+
+
+def _print(round_index: int, name: str, load: str, point) -> None:  # noqa: ANN001
+    print(
+        f"round {round_index + 1} shadow {name:>4} {load:>14}: {point.rps:,.0f} rps, "
+        f"p99 {point.p99_ms or 0:.2f} ms, errors {point.errors}",
+        flush=True,
+    )
 
 
 def _cost(runs: dict[str, list], name: str, field: str) -> float | None:
@@ -126,23 +154,34 @@ def _cost(runs: dict[str, list], name: str, field: str) -> float | None:
     return statistics.median(costs) if costs else None
 
 
-def summarise(runs: dict[str, list], final: dict, args: argparse.Namespace) -> dict:
+def _median(points: list, field: str) -> float | None:
+    values = [getattr(p, field) for p in points if getattr(p, field)]
+    return statistics.median(values) if values else None
+
+
+def summarise(
+    runs: dict[str, list], fixed: dict[str, list], final: dict, args: argparse.Namespace
+) -> dict:
     """Medians per rate, costs, mirror counters and the targets."""
-    table = {}
-    for name, points in runs.items():
-        rps = [p.rps for p in points if p.rps]
-        p99 = [p.p99_ms for p in points if p.p99_ms]
-        table[name] = {
-            "rps": statistics.median(rps) if rps else None,
-            "p99_ms": statistics.median(p99) if p99 else None,
-            "errors": sum(p.errors for p in points),
+    table = {
+        name: {
+            "rps": _median(runs[name], "rps"),
+            "p99_ms": _median(runs[name], "p99_ms"),
+            "fixed_rate_rps": _median(fixed[name], "rps"),
+            "fixed_rate_p50_ms": _median(fixed[name], "p50_ms"),
+            "fixed_rate_p99_ms": _median(fixed[name], "p99_ms"),
+            "errors": sum(p.errors for p in runs[name] + fixed[name]),
         }
+        for name in RATES
+    }
     pairs = final.get("pairs") or [{}]
     summary = {
         "throughput_cost_full": _cost(runs, "100%", "rps"),
-        "p99_cost_full": _cost(runs, "100%", "p99_ms"),
+        "p99_cost_full": _cost(fixed, "100%", "p99_ms"),
+        "p99_cost_full_saturated": _cost(runs, "100%", "p99_ms"),
         "throughput_cost_10": _cost(runs, "10%", "rps"),
-        "p99_cost_10": _cost(runs, "10%", "p99_ms"),
+        "p99_cost_10": _cost(fixed, "10%", "p99_ms"),
+        "p99_cost_10_saturated": _cost(runs, "10%", "p99_ms"),
         "by_rate": table,
         "mirrored": sum(p.get("mirrored", 0) for p in pairs),
         "dropped": sum(p.get("dropped", 0) for p in pairs),
@@ -154,6 +193,7 @@ def summarise(runs: dict[str, list], final: dict, args: argparse.Namespace) -> d
             "concurrency": args.concurrency,
             "duration_s": args.duration,
             "rounds": args.rounds,
+            "load_fraction": args.load_fraction,
             "tool": "h2load unary Score",
             "machine": loadgen.machine_info(args.workers, 8),
         },
@@ -163,22 +203,33 @@ def summarise(runs: dict[str, list], final: dict, args: argparse.Namespace) -> d
 
 def print_report(summary: dict) -> None:
     """The table and the costs."""
-    print(f"\n{'shadow':>7} {'rps':>10} {'p99 ms':>8} {'errors':>7}")
+
+    def num(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    print(
+        f"\n{'shadow':>7} {'saturated rps':>14} {'p99 ms':>8} {'fixed rps':>10} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'errors':>7}"
+    )
     for name, row in summary["by_rate"].items():
-        rps = f"{row['rps']:,.0f}" if row["rps"] else "-"
-        p99 = f"{row['p99_ms']:.2f}" if row["p99_ms"] else "-"
-        print(f"{name:>7} {rps:>10} {p99:>8} {row['errors']:>7}")
+        print(
+            f"{name:>7} {num(row['rps'], ',.0f'):>14} {num(row['p99_ms'], '.2f'):>8} "
+            f"{num(row['fixed_rate_rps'], ',.0f'):>10} {num(row['fixed_rate_p50_ms'], '.2f'):>7} "
+            f"{num(row['fixed_rate_p99_ms'], '.2f'):>7} {row['errors']:>7}"
+        )
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:+.1%}"
 
     print(
         f"\ncost of 100% mirroring: throughput {pct(summary['throughput_cost_full'])} "
-        f"(target <= 15%), p99 {pct(summary['p99_cost_full'])} (target <= 10%)"
+        f"(target <= 15%), p99 at equal load {pct(summary['p99_cost_full'])} (target <= 10%), "
+        f"p99 at saturation {pct(summary['p99_cost_full_saturated'])}"
     )
     print(
         f"cost of 10% mirroring: throughput {pct(summary['throughput_cost_10'])}, "
-        f"p99 {pct(summary['p99_cost_10'])}"
+        f"p99 at equal load {pct(summary['p99_cost_10'])}, "
+        f"p99 at saturation {pct(summary['p99_cost_10_saturated'])}"
     )
     print(
         f"mirrored {summary['mirrored']:,}, dropped {summary['dropped']:,}, "

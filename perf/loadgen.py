@@ -281,13 +281,18 @@ def h2load_command(
     duration_s: float,
     warmup_s: float,
     log_file: Path,
+    rps_per_client: int | None = None,
 ) -> list[str]:
     """h2load arguments: one thread, ``concurrency`` connections of one stream each.
 
     One connection per in-flight request lets SO_REUSEPORT spread the load over the
-    workers (a single connection would always land on one worker).
+    workers (a single connection would always land on one worker). With
+    ``rps_per_client`` the load is open at that fixed rate per connection instead of
+    as fast as the server answers.
     """
     args = [h2load, "-t", "1", "-c", str(concurrency), "-m", "1"]
+    if rps_per_client:
+        args.append(f"--rps={rps_per_client}")
     args += ["-D", f"{round(duration_s * 1000)}ms", "-d", str(body), "--log-file", str(log_file)]
     if warmup_s > 0:
         args += ["--warm-up-time", f"{round(warmup_s * 1000)}ms"]

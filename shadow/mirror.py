@@ -17,6 +17,7 @@ plus the records buffered for the next segment (≤ ``flush_rows`` rows, ≤
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from .compare import DECISION_CODES, DECISIONS, PairStats
 from .config import RequestFilter, ShadowConfig, parse_filter, read_control
@@ -81,10 +83,8 @@ def _unpin() -> None:
     """Let the calling thread run on any core the machine allows, not only the worker's
     pinned one: its GIL-free work (kernels, compression, fsync) can then use an idle core
     instead of queueing behind the worker's request threads."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to do
         os.sched_setaffinity(threading.get_native_id(), range(os.cpu_count() or 1))
-    except (OSError, AttributeError):  # not Linux: nothing to do
-        pass
 
 
 def _yield_gil() -> None:
@@ -401,14 +401,15 @@ class ShadowMirror:
                 shadow[ok], target.review_threshold, target.decline_threshold
             )
         primary_codes = np.array([DECISION_CODES.get(d, -1) for d in batch.decisions], np.int64)
-        by_version: dict[str, list[int]] = {}
-        for i, v in enumerate(versions):
-            by_version.setdefault(v, []).append(i)
-        for primary_version, index in by_version.items():
+        if versions.count(versions[0]) == rows:  # the usual case: one primary version
+            by_version = {versions[0]: np.arange(rows)}
+        else:
+            as_array = np.array(versions, dtype=object)
+            by_version = {v: np.flatnonzero(as_array == v) for v in set(versions)}
+        for primary_version, picked in by_version.items():
             stats = self._stats.setdefault(
                 (self._primary, primary_version, name, version), PairStats()
             )
-            picked = np.array(index)
             stats.mirrored += len(picked)
             good = picked[ok[picked]]
             stats.failed += len(picked) - len(good)
@@ -429,7 +430,7 @@ class ShadowMirror:
             [name] * rows,
             [version] * rows,
             batch.probabilities.astype(np.float64),
-            [None if np.isnan(s) else float(s) for s in shadow],
+            pa.array(shadow, from_pandas=True),  # NaN (failed) → null
             list(batch.decisions),
             list(shadow_decisions),
             latency.astype(np.float64),

@@ -39,6 +39,7 @@ from riskwire.kernels.schema import FEATURE_NAMES
 RECORDS = "records"
 LABELS = "labels"
 FEATURE_PREFIX = "f_"
+COMPRESSION = "snappy"  # cheap to write on the server; every Parquet reader knows it
 
 _TIME = pa.timestamp("ms", tz="UTC")
 _CORE_FIELDS = [
@@ -169,7 +170,7 @@ class SegmentWriter:
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
         try:
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, compression=COMPRESSION)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
@@ -185,7 +186,10 @@ class SegmentWriter:
 
 
 def _column(chunks: list[Sequence], kind: pa.DataType) -> pa.Array:
-    """One Arrow array from chunks that are all numpy arrays or all Python sequences."""
+    """One Arrow array from chunks that are all Arrow arrays, all numpy arrays or all
+    Python sequences."""
+    if all(isinstance(c, pa.Array) for c in chunks):
+        return pa.concat_arrays([c.cast(kind) for c in chunks])
     if all(isinstance(c, np.ndarray) for c in chunks):
         return pa.array(np.concatenate(chunks), type=kind)
     return pa.array(list(itertools.chain.from_iterable(chunks)), type=kind)
