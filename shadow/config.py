@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from riskwire.files import write_text_atomic
+
 FILTER_FIELDS = ("channel", "country", "card_country", "currency", "mcc", "amount")
 _NUMERIC = {"mcc": int, "amount": float}
 _COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
@@ -156,9 +158,7 @@ def write_control(path: str | os.PathLike[str], config: ShadowConfig) -> ShadowC
     path = Path(path)
     current = read_control(path)
     stored = replace(config, generation=(current.generation if current else 0) + 1)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(stored.to_json())
-    os.replace(tmp, path)
+    write_text_atomic(path, stored.to_json())
     return stored
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from riskwire.files import write_text_atomic
+
 from .compare import DECISION_CODES, DECISIONS, PairStats
 from .config import RequestFilter, ShadowConfig, parse_filter, read_control
 from .records import RECORD_SCHEMA, RECORD_SCHEMA_NO_FEATURES, SegmentWriter
@@ -474,9 +476,6 @@ class ShadowMirror:
         }
         path = self.settings.stats_path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(payload))
         except OSError as exc:
             log.error("shadow stats could not be written to %s: %s", path, exc)

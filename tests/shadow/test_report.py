@@ -19,6 +19,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from riskwire.clients import shadow_cli
+from riskwire.shadow.metrics import RankedScores, average_precision, bootstrap_metrics, roc_auc
 from riskwire.shadow.records import (
     FEATURE_COLUMNS,
     LABEL_SCHEMA,
@@ -26,17 +27,8 @@ from riskwire.shadow.records import (
     RECORD_SCHEMA_NO_FEATURES,
     SegmentWriter,
 )
-from riskwire.shadow.report import (
-    FIGURE_IDS,
-    RankedScores,
-    average_precision,
-    bootstrap_metrics,
-    bucket_seconds,
-    compute_report,
-    load_window,
-    render_html,
-    roc_auc,
-)
+from riskwire.shadow.report import bucket_seconds, compute_report, load_window
+from riskwire.shadow.report_html import FIGURE_IDS, render_html
 
 START = datetime(2026, 11, 20, tzinfo=UTC)
 SPAN = timedelta(days=2)
