@@ -10,6 +10,8 @@
                    [--profile dev|test|staging|prod]
     riskwire shadow report|export|status|set|clear …   (see clients/shadow_cli.py)
     riskwire feedback FILE [--target HOST:PORT]
+    riskwire alerts list [--models DIR] [--open] [--json]
+    riskwire drift status|report …                      (see clients/drift_cli.py)
 
 Heavy modules are imported inside each command so ``riskwire --help`` stays fast.
 """
@@ -162,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     score_cli.add_score_file_args(score_file)
     score_file.set_defaults(handler=score_cli.cmd_score_file)
 
-    from . import shadow_cli
+    from . import alerts_cli, drift_cli, shadow_cli
 
     shadow_cli.register(commands)
     shadow_cli.register_feedback(commands)
+    alerts_cli.register(commands)
+    drift_cli.register(commands)
 
     serve = commands.add_parser("serve", help="serve models over gRPC")
     serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")

@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from riskwire.files import write_text_atomic
+
 
 def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add the ``shadow`` command group to the top-level subparsers; return its subparsers."""
@@ -234,7 +236,8 @@ def _error(message: str) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Compute the report; write HTML to --out, or JSON to --out / stdout."""
-    from riskwire.shadow.report import load_window, render_html, report_from_table
+    from riskwire.shadow.report import load_window, report_from_table
+    from riskwire.shadow.report_html import render_html
 
     problem = _check_window(args)
     if problem is None and args.format == "html" and not args.out:
@@ -263,7 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         print(summary_line(report), file=sys.stderr)
         return 0
-    _write_text(Path(args.out), text)
+    write_text_atomic(Path(args.out), text)
     print(f"wrote {args.out}: {summary_line(report)}")
     return 0
 
@@ -284,21 +287,6 @@ def summary_line(report: dict[str, Any]) -> str:
     if first["quality"]:
         line += f", {first['quality']['verdict_text']}"
     return line
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a temporary file beside ``path``, then rename."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_export(args: argparse.Namespace) -> int:

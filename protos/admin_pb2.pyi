@@ -109,3 +109,80 @@ class ShadowStatusResponse(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerShadowStatus]
     records_dir: str
     def __init__(self, config: _Optional[_Union[ShadowConfig, _Mapping]] = ..., pairs: _Optional[_Iterable[_Union[ShadowPairStatus, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerShadowStatus, _Mapping]]] = ..., records_dir: _Optional[str] = ...) -> None: ...
+
+class DriftStatusRequest(_message.Message):
+    __slots__ = ("model", "window")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    window: str
+    def __init__(self, model: _Optional[str] = ..., window: _Optional[str] = ...) -> None: ...
+
+class DriftValue(_message.Message):
+    __slots__ = ("model", "version", "window", "column", "measure", "value", "count", "threshold", "alerting")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ALERTING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    window: str
+    column: str
+    measure: str
+    value: float
+    count: int
+    threshold: float
+    alerting: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., window: _Optional[str] = ..., column: _Optional[str] = ..., measure: _Optional[str] = ..., value: _Optional[float] = ..., count: _Optional[int] = ..., threshold: _Optional[float] = ..., alerting: _Optional[bool] = ...) -> None: ...
+
+class FiringAlert(_message.Message):
+    __slots__ = ("id", "rule", "severity", "model", "version", "window", "column", "measure", "value", "threshold", "started_at", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    rule: str
+    severity: str
+    model: str
+    version: str
+    window: str
+    column: str
+    measure: str
+    value: float
+    threshold: float
+    started_at: float
+    message: str
+    def __init__(self, id: _Optional[str] = ..., rule: _Optional[str] = ..., severity: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., window: _Optional[str] = ..., column: _Optional[str] = ..., measure: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., started_at: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DriftStatusResponse(_message.Message):
+    __slots__ = ("values", "alerts", "evaluated_at", "validation")
+    class ValidationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[DriftValue]
+    alerts: _containers.RepeatedCompositeFieldContainer[FiringAlert]
+    evaluated_at: float
+    validation: _containers.ScalarMap[str, int]
+    def __init__(self, values: _Optional[_Iterable[_Union[DriftValue, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[FiringAlert, _Mapping]]] = ..., evaluated_at: _Optional[float] = ..., validation: _Optional[_Mapping[str, int]] = ...) -> None: ...

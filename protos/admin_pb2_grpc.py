@@ -49,6 +49,11 @@ class AdminStub:
                 request_serializer=riskwire_dot_protos_dot_admin__pb2.ShadowStatusRequest.SerializeToString,
                 response_deserializer=riskwire_dot_protos_dot_admin__pb2.ShadowStatusResponse.FromString,
                 _registered_method=True)
+        self.DriftStatus = channel.unary_unary(
+                '/riskwire.v1.Admin/DriftStatus',
+                request_serializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -75,6 +80,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DriftStatus(self, request, context):
+        """Latest drift measures per model version, window and column, with the alert
+        thresholds, firing alerts and merged validation counters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ShadowStatus,
                     request_deserializer=riskwire_dot_protos_dot_admin__pb2.ShadowStatusRequest.FromString,
                     response_serializer=riskwire_dot_protos_dot_admin__pb2.ShadowStatusResponse.SerializeToString,
+            ),
+            'DriftStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.DriftStatus,
+                    request_deserializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Admin:
             '/riskwire.v1.Admin/ShadowStatus',
             riskwire_dot_protos_dot_admin__pb2.ShadowStatusRequest.SerializeToString,
             riskwire_dot_protos_dot_admin__pb2.ShadowStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DriftStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Admin/DriftStatus',
+            riskwire_dot_protos_dot_admin__pb2.DriftStatusRequest.SerializeToString,
+            riskwire_dot_protos_dot_admin__pb2.DriftStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

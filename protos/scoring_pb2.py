@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1driskwire/protos/scoring.proto\x12\x0briskwire.v1\"\xcf\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x0b\n\x03mcc\x18\x04 \x01(\x05\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x61rd_country\x18\x08 \x01(\t\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12\x15\n\revent_time_ms\x18\n \x01(\x03J\x04\x08\x0b\x10\x14\"\x97\x01\n\x0cScoreRequest\x12-\n\x0btransaction\x18\x01 \x01(\x0b\x32\x18.riskwire.v1.Transaction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0btop_reasons\x18\x05 \x01(\x05J\x04\x08\x06\x10\x10\"B\n\nReasonCode\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\x12\r\n\x05value\x18\x03 \x01(\x01\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xfb\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\'\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x15.riskwire.v1.Decision\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12(\n\x07reasons\x18\x07 \x03(\x0b\x32\x17.riskwire.v1.ReasonCode\x12%\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x16.riskwire.v1.ItemErrorJ\x04\x08\t\x10\x10\"\x9d\x01\n\x11ScoreBatchRequest\x12.\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x18.riskwire.v1.Transaction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0btop_reasons\x18\x05 \x01(\x05J\x04\x08\x06\x10\x10\"\x86\x01\n\x12ScoreBatchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12+\n\x07results\x18\x04 \x03(\x0b\x32\x1a.riskwire.v1.ScoreResponseJ\x04\x08\x05\x10\x10\"~\n\x0fLabelledOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12!\n\x05label\x18\x03 \x01(\x0e\x32\x12.riskwire.v1.Label\x12\x16\n\x0elabelled_at_ms\x18\x04 \x01(\x03J\x04\x08\x05\x10\x10\"G\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12.\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1c.riskwire.v1.LabelledOutcomeJ\x04\x08\x02\x10\x10\"(\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05J\x04\x08\x02\x10\x10*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x14\n\x10\x44\x45\x43ISION_DECLINE\x10\x03*E\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x14\n\x10LABEL_LEGITIMATE\x10\x01\x12\x0f\n\x0bLABEL_FRAUD\x10\x02\x32\xab\x02\n\x07Scoring\x12>\n\x05Score\x12\x19.riskwire.v1.ScoreRequest\x1a\x1a.riskwire.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.riskwire.v1.ScoreBatchRequest\x1a\x1f.riskwire.v1.ScoreBatchResponse\x12H\n\x0bScoreStream\x12\x19.riskwire.v1.ScoreRequest\x1a\x1a.riskwire.v1.ScoreResponse(\x01\x30\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.riskwire.v1.FeedbackRequest\x1a\x1d.riskwire.v1.FeedbackResponseB+\n\x0f\x64\x65v.riskwire.v1P\x01Z\x16riskwire/v1;riskwirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1driskwire/protos/scoring.proto\x12\x0briskwire.v1\"\xcf\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x0b\n\x03mcc\x18\x04 \x01(\x05\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x07 \x01(\t\x12\x14\n\x0c\x63\x61rd_country\x18\x08 \x01(\t\x12\x0f\n\x07\x63hannel\x18\t \x01(\t\x12\x15\n\revent_time_ms\x18\n \x01(\x03J\x04\x08\x0b\x10\x14\"\x97\x01\n\x0cScoreRequest\x12-\n\x0btransaction\x18\x01 \x01(\x0b\x32\x18.riskwire.v1.Transaction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0btop_reasons\x18\x05 \x01(\x05J\x04\x08\x06\x10\x10\"B\n\nReasonCode\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\x12\r\n\x05value\x18\x03 \x01(\x01\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8a\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\x12\'\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x15.riskwire.v1.Decision\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12(\n\x07reasons\x18\x07 \x03(\x0b\x32\x17.riskwire.v1.ReasonCode\x12%\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x16.riskwire.v1.ItemError\x12\r\n\x05\x66lags\x18\t \x03(\tJ\x04\x08\n\x10\x10\"\x9d\x01\n\x11ScoreBatchRequest\x12.\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x18.riskwire.v1.Transaction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0btop_reasons\x18\x05 \x01(\x05J\x04\x08\x06\x10\x10\"\x86\x01\n\x12ScoreBatchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12+\n\x07results\x18\x04 \x03(\x0b\x32\x1a.riskwire.v1.ScoreResponseJ\x04\x08\x05\x10\x10\"~\n\x0fLabelledOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12!\n\x05label\x18\x03 \x01(\x0e\x32\x12.riskwire.v1.Label\x12\x16\n\x0elabelled_at_ms\x18\x04 \x01(\x03J\x04\x08\x05\x10\x10\"G\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12.\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1c.riskwire.v1.LabelledOutcomeJ\x04\x08\x02\x10\x10\"(\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05J\x04\x08\x02\x10\x10*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_APPROVE\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x14\n\x10\x44\x45\x43ISION_DECLINE\x10\x03*E\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x14\n\x10LABEL_LEGITIMATE\x10\x01\x12\x0f\n\x0bLABEL_FRAUD\x10\x02\x32\xab\x02\n\x07Scoring\x12>\n\x05Score\x12\x19.riskwire.v1.ScoreRequest\x1a\x1a.riskwire.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.riskwire.v1.ScoreBatchRequest\x1a\x1f.riskwire.v1.ScoreBatchResponse\x12H\n\x0bScoreStream\x12\x19.riskwire.v1.ScoreRequest\x1a\x1a.riskwire.v1.ScoreResponse(\x01\x30\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.riskwire.v1.FeedbackRequest\x1a\x1d.riskwire.v1.FeedbackResponseB+\n\x0f\x64\x65v.riskwire.v1P\x01Z\x16riskwire/v1;riskwirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'riskwire.protos.scoring_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.riskwire.v1P\001Z\026riskwire/v1;riskwirev1'
-  _globals['_DECISION']._serialized_start=1316
-  _globals['_DECISION']._serialized_end=1417
-  _globals['_LABEL']._serialized_start=1419
-  _globals['_LABEL']._serialized_end=1488
+  _globals['_DECISION']._serialized_start=1331
+  _globals['_DECISION']._serialized_end=1432
+  _globals['_LABEL']._serialized_start=1434
+  _globals['_LABEL']._serialized_end=1503
   _globals['_TRANSACTION']._serialized_start=47
   _globals['_TRANSACTION']._serialized_end=254
   _globals['_SCOREREQUEST']._serialized_start=257
@@ -45,17 +45,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEMERROR']._serialized_start=478
   _globals['_ITEMERROR']._serialized_end=520
   _globals['_SCORERESPONSE']._serialized_start=523
-  _globals['_SCORERESPONSE']._serialized_end=774
-  _globals['_SCOREBATCHREQUEST']._serialized_start=777
-  _globals['_SCOREBATCHREQUEST']._serialized_end=934
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=937
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=1071
-  _globals['_LABELLEDOUTCOME']._serialized_start=1073
-  _globals['_LABELLEDOUTCOME']._serialized_end=1199
-  _globals['_FEEDBACKREQUEST']._serialized_start=1201
-  _globals['_FEEDBACKREQUEST']._serialized_end=1272
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1274
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1314
-  _globals['_SCORING']._serialized_start=1491
-  _globals['_SCORING']._serialized_end=1790
+  _globals['_SCORERESPONSE']._serialized_end=789
+  _globals['_SCOREBATCHREQUEST']._serialized_start=792
+  _globals['_SCOREBATCHREQUEST']._serialized_end=949
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=952
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=1086
+  _globals['_LABELLEDOUTCOME']._serialized_start=1088
+  _globals['_LABELLEDOUTCOME']._serialized_end=1214
+  _globals['_FEEDBACKREQUEST']._serialized_start=1216
+  _globals['_FEEDBACKREQUEST']._serialized_end=1287
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1289
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1329
+  _globals['_SCORING']._serialized_start=1506
+  _globals['_SCORING']._serialized_end=1805
 # @@protoc_insertion_point(module_scope)

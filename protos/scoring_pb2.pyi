@@ -84,7 +84,7 @@ class ItemError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "transaction_id", "probability", "decision", "model_name", "model_version", "reasons", "error")
+    __slots__ = ("request_id", "transaction_id", "probability", "decision", "model_name", "model_version", "reasons", "error", "flags")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class ScoreResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transaction_id: str
     probability: float
@@ -101,7 +102,8 @@ class ScoreResponse(_message.Message):
     model_version: str
     reasons: _containers.RepeatedCompositeFieldContainer[ReasonCode]
     error: ItemError
-    def __init__(self, request_id: _Optional[str] = ..., transaction_id: _Optional[str] = ..., probability: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[ReasonCode, _Mapping]]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., transaction_id: _Optional[str] = ..., probability: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., reasons: _Optional[_Iterable[_Union[ReasonCode, _Mapping]]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreBatchRequest(_message.Message):
     __slots__ = ("transactions", "model_name", "model_version", "request_id", "top_reasons")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from concurrent import futures
 from pathlib import Path
@@ -27,12 +28,15 @@ from .config import Settings
 from .errors import InvalidInputError, ModelNotFoundError
 from .grpc.reflection import enable_reflection
 from .grpc.status import unary
+from .monitoring.alerts import Measurement
+from .monitoring.drift import DriftMonitor
 
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = "riskwire.v1.Admin"
 CONTROL_FILE = "shadow.json"
 STATS_DIR = "shadow-stats"
+DRIFT_DIR = "drift"
 
 
 def shadow_config_from_settings(settings: Settings) -> ShadowConfig:
@@ -129,10 +133,11 @@ def _from_proto(message: admin_pb2.ShadowConfig) -> ShadowConfig:
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Shadow configuration and status for the whole server."""
 
-    def __init__(self, settings: Settings, run_dir: Path) -> None:
+    def __init__(self, settings: Settings, run_dir: Path, drift: DriftMonitor | None) -> None:
         self._settings = settings
         self._control = run_dir / CONTROL_FILE
         self._stats_dir = run_dir / STATS_DIR
+        self._drift = drift
 
     @unary
     def GetShadow(self, request, context):
@@ -145,6 +150,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         stored = write_control(self._control, config)
         log.info("shadow configuration %d: %s", stored.generation, stored.to_json())
         return _to_proto(stored)
+
+    @unary
+    def DriftStatus(self, request, context):
+        return _drift_status(self._drift, request.model, request.window)
 
     @unary
     def ShadowStatus(self, request, context):
@@ -190,7 +199,50 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return response
 
 
-def start_admin_server(settings: Settings, run_dir: Path) -> tuple[grpc.Server, int]:
+def _drift_status(
+    drift: DriftMonitor | None, model: str, window: str
+) -> admin_pb2.DriftStatusResponse:
+    if drift is None:
+        return admin_pb2.DriftStatusResponse()
+    rows, validation, evaluated_at = drift.latest()
+    firing = drift.engine.active()
+    alerting = {
+        (a["rule"], a["model"], str(a["version"]), a["window"], a["column"]) for a in firing
+    }
+    response = admin_pb2.DriftStatusResponse(evaluated_at=evaluated_at, validation=validation)
+    rules = drift.engine.rules
+    for row in rows:
+        if (model and row["model"] != model) or (window and row["window"] != window):
+            continue
+        measurement = Measurement(
+            row["model"], row["version"], row["window"], row["measure"], row["column"], row["value"]
+        )
+        rule = next((r for r in rules if r.matches(measurement)), None)
+        response.values.add(
+            model=row["model"],
+            version=row["version"],
+            window=row["window"],
+            column=row["column"],
+            measure=row["measure"],
+            value=row["value"],
+            count=int(row["count"]),
+            threshold=rule.threshold if rule else math.nan,
+            alerting=rule is not None
+            and (rule.name, row["model"], row["version"], row["window"], row["column"]) in alerting,
+        )
+    for a in firing:
+        response.alerts.add(
+            id=a["id"], rule=a["rule"], severity=a["severity"], model=a["model"],
+            version=str(a["version"]), window=a["window"], column=a["column"],
+            measure=a["measure"], value=a["value"], threshold=a["threshold"],
+            started_at=a["started_at"], message=a["message"],
+        )  # fmt: skip
+    return response
+
+
+def start_admin_server(
+    settings: Settings, run_dir: Path, drift: DriftMonitor | None = None
+) -> tuple[grpc.Server, int]:
     """Serve the Admin API (plus health and reflection); returns the server and its port."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -198,7 +250,7 @@ def start_admin_server(settings: Settings, run_dir: Path) -> tuple[grpc.Server, 
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"),
         options=[("grpc.so_reuseport", 0)],  # a second server must not share this port
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(settings, run_dir), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(settings, run_dir, drift), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([ADMIN_SERVICE, health.SERVICE_NAME], server)

@@ -20,6 +20,8 @@ from typing import Any, get_type_hints
 
 from riskwire.shadow.config import ShadowConfigError, parse_filter
 
+from .monitoring.recorder import parse_windows
+
 ENV_PREFIX = "RISKWIRE_"
 PROFILES = ("dev", "test", "staging", "prod")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -51,6 +53,22 @@ class Settings:
     restart_backoff_s: float = 0.5  # supervisor: wait before restarting a dead worker
     default_top_reasons: int = 3
     log_level: str = "INFO"
+    # Validation against the package's schema and training profile.
+    validation: bool = True
+    validate_schema: str = "reject"  # reject | flag | ignore, per check kind
+    validate_range: str = "flag"
+    validate_category: str = "flag"
+    range_tolerance: float = 0.1  # training range widened by this fraction of its span
+    output_failsafe: str = ""  # invalid model output: "" = INTERNAL, else this decision
+    # Drift monitoring and alerting (see server/monitoring/).
+    drift: bool = True
+    drift_windows: str = "5m,1h,24h"  # sliding windows measured against the profile
+    drift_bucket_s: int = 60  # sketch time resolution
+    drift_publish_s: float = 5.0  # workers publish their sketches this often
+    drift_eval_s: float = 10.0  # the supervisor measures drift and evaluates alerts
+    drift_min_count: int = 200  # fewer requests in a window: no drift verdict (NaN)
+    alert_rules: str = ""  # TOML file with [[rule]] and [[route]] tables; "" = defaults
+    alert_webhook: str = ""  # also POST every alert to this URL
     # Control plane (admin API, in the supervisor). 0 = any free port (logged).
     admin_host: str = "127.0.0.1"
     admin_port: int = 50052
@@ -64,7 +82,7 @@ class Settings:
     shadow_dir: str = ""  # paired records and labels; "" = <models>/.shadow
     shadow_queue_size: int = 10_000  # per worker; a full queue drops (and counts) mirrors
     shadow_batch_rows: int = 256  # rows per shadow kernel/remote call
-    shadow_flush_rows: int = 10_000  # records per Parquet segment, at most
+    shadow_flush_rows: int = 10_000  # a segment is written once this many records wait
     shadow_flush_seconds: float = 5.0  # records buffered for at most this long
     shadow_record_features: bool = True  # store the feature vector in each record
 
@@ -98,6 +116,19 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.drift_bucket_s < 1 or self.drift_publish_s <= 0 or self.drift_eval_s <= 0:
+            raise SettingsError("drift_bucket_s must be >= 1, drift_publish/eval_s > 0")
+        try:
+            parse_windows(self.drift_windows)
+        except ValueError as exc:
+            raise SettingsError(f"drift_windows: {exc}") from None
+        for name in ("validate_schema", "validate_range", "validate_category"):
+            if getattr(self, name) not in ("reject", "flag", "ignore"):
+                raise SettingsError(f"{name} must be reject, flag or ignore")
+        if self.output_failsafe not in ("", "approve", "review", "decline"):
+            raise SettingsError("output_failsafe must be '', approve, review or decline")
+        if self.range_tolerance < 0:
+            raise SettingsError(f"range_tolerance must be >= 0, got {self.range_tolerance}")
         try:
             parse_filter(self.shadow_filter)
         except ShadowConfigError as exc:
@@ -116,6 +147,16 @@ class Settings:
     def snapshot_path(self) -> Path:
         """Where per-card state is snapshotted and restored from."""
         return Path(self.state_snapshot or Path(self.models) / ".state" / "cards.snapshot")
+
+    @property
+    def incident_log(self) -> Path:
+        """Append-only alert incident log."""
+        return Path(self.models) / ".alerts" / "incidents.jsonl"
+
+    @property
+    def drift_history(self) -> Path:
+        """Drift measures over time (JSON lines), for the drift report."""
+        return Path(self.models) / ".drift" / "history.jsonl"
 
     @property
     def shadow_path(self) -> Path:

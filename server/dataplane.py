@@ -21,8 +21,11 @@ from riskwire.kernels.schema import NUM_FEATURES
 
 from .errors import InvalidInputError, OutputValidationError
 from .registry import ModelRegistry, ModelRuntime
+from .validation import OUTPUT_INVALID, ValidationPolicy
 
 MAX_TOP_REASONS = 10
+# Raw fields the validation kernels check (quoted back in rejection messages).
+CHECKED_FIELDS = ("amount", "mcc", "country", "card_country", "currency", "channel")
 # Columns a batch must carry (transaction_id is optional and only echoed back).
 BATCH_COLUMNS = (
     "card_id", "merchant_id", "mcc", "amount", "currency", "country", "card_country",
@@ -42,6 +45,14 @@ class Mirror(Protocol):
     def offer_batch(self, *args: object) -> None: ...
 
 
+class Monitor(Protocol):
+    """Drift sketches of scored requests (riskwire.server.monitoring.recorder)."""
+
+    def record_one(self, *args: object) -> None: ...
+
+    def record_many(self, *args: object) -> None: ...
+
+
 class FeatureState(Protocol):
     """Per-card state that turns encoded transactions into feature rows."""
 
@@ -57,6 +68,7 @@ class ScoreOutcome:
     probability: float
     decision: str
     reasons: list[tuple[str, float, float]]  # (feature, contribution, value)
+    flags: tuple[str, ...] = ()  # validation findings under the "flag" policy
 
 
 @dataclass(slots=True)
@@ -67,6 +79,7 @@ class BatchOutcome:
     decisions: np.ndarray  # object array of "approve" / "review" / "decline" / ""
     reasons: list[list[tuple[str, float, float]]] | None
     errors: dict[int, InvalidInputError]
+    flags: list[tuple[str, ...]]  # per row
 
 
 class _Scratch(threading.local):
@@ -106,9 +119,13 @@ class DataPlane:
         max_batch_rows: int = 100_000,
         clock_ms: Callable[[], int] = _now_ms,
         mirror: Mirror | None = None,
+        policy: ValidationPolicy | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.registry = registry
         self.mirror = mirror
+        self.policy = policy
+        self.monitor = monitor
         self._state = state
         self._default_top_reasons = default_top_reasons
         self.max_batch_rows = max_batch_rows
@@ -161,6 +178,21 @@ class DataPlane:
         tx.card_country[0] = encoding.COUNTRY_CODES.get(card_country, encoding.UNKNOWN_CODE)
         tx.currency[0] = encoding.CURRENCY_CODES.get(currency, encoding.UNKNOWN_CODE)
         tx.channel[0] = encoding.CHANNEL_CODES.get(channel, encoding.UNKNOWN_CODE)
+        flags: tuple[str, ...] = ()
+        policy = self.policy
+        if policy is not None:
+            mask = model.validation.row(
+                amount, mcc, tx.country[0], tx.card_country[0], tx.currency[0], tx.channel[0]
+            )
+            if mask:  # rejects before the card's state is touched
+                flags = policy.apply(
+                    mask,
+                    {"amount": amount, "mcc": mcc, "country": country,
+                     "card_country": card_country, "currency": currency, "channel": channel},
+                    field_prefix,
+                )  # fmt: skip
+            else:
+                policy.count_clean()
         row = self._state.update(tx, scratch.features)[0]
         reasons = []
         if not top_reasons:
@@ -178,8 +210,14 @@ class DataPlane:
                 )
                 if j >= 0
             ]
-        _check_probability(probability, model)
+        if not 0.0 <= probability <= 1.0:
+            return self._invalid_output(probability, model)
         decision = model.decision(probability)
+        monitor = self.monitor
+        if monitor is not None:
+            monitor.record_one(
+                model.name, model.version, row, int(tx.card_country[0]), probability, bool(flags)
+            )
         mirror = self.mirror
         if mirror is not None and mirror.active and mirror.sampled():
             mirror.offer_one(
@@ -195,7 +233,20 @@ class DataPlane:
                 row.copy(),
                 (channel, country, card_country, currency, mcc, amount),
             )
-        return ScoreOutcome(probability, decision, reasons)
+        return ScoreOutcome(probability, decision, reasons, flags)
+
+    def _invalid_output(self, probability: float, model: ModelRuntime) -> ScoreOutcome:
+        """A probability outside [0, 1]: INTERNAL, or the configured fail-safe decision."""
+        message = (
+            f"model {model.name} v{model.version} produced probability {probability!r}, "
+            "outside [0, 1]"
+        )
+        policy = self.policy
+        if policy is not None:
+            policy.output_invalid(message)
+            if policy.output_failsafe:
+                return ScoreOutcome(math.nan, policy.output_failsafe, [], (OUTPUT_INVALID,))
+        raise OutputValidationError(message + "; no decision was made")
 
     def score_batch(
         self,
@@ -233,12 +284,11 @@ class DataPlane:
             except InvalidInputError as exc:
                 errors[i] = exc
         if errors and all_or_nothing:
-            first = min(errors)
-            more = f" (and {len(errors) - 1} more rows)" if len(errors) > 1 else ""
-            raise InvalidInputError(f"row {first}: {errors[first]}{more}; no row was scored")
+            raise _whole_request_error(errors)
         valid = np.array([i for i in range(rows) if i not in errors], dtype=np.int64)
         probabilities = np.full(rows, np.nan)
         decisions = np.full(rows, "", dtype=object)
+        flags: list[tuple[str, ...]] = [()] * rows
         reasons: list[list[tuple[str, float, float]]] | None = (
             [[] for _ in range(rows)] if top_reasons else None
         )
@@ -247,11 +297,21 @@ class DataPlane:
             event_times = np.asarray(picked.pop("event_time_ms"), dtype=np.int64)
             event_times = np.where(event_times == 0, self._clock_ms(), event_times)
             tx = encode_columns({**picked, "event_time": event_times})
+            if self.policy is not None:
+                valid, tx = self._validate_batch(model, columns, valid, tx, errors, flags)
+                if errors and all_or_nothing:
+                    raise _whole_request_error(errors)
+        if len(valid):
             features = self._state.update(tx, np.empty((len(valid), NUM_FEATURES)))
             scores = model.forest.predict(features, num_threads=1)
             _check_probabilities(scores, model)
             probabilities[valid] = scores
             decisions[valid] = model.decisions(scores)
+            if self.monitor is not None:
+                flagged = np.array([bool(flags[i]) for i in valid], dtype=np.bool_)
+                self.monitor.record_many(
+                    model.name, model.version, features, tx.card_country, scores, flagged
+                )
             if reasons is not None:
                 for j, i in enumerate(valid):
                     reasons[i] = _reasons(model, features[j], top_reasons)
@@ -271,7 +331,35 @@ class DataPlane:
                     columns,
                     valid,
                 )
-        return BatchOutcome(probabilities, decisions, reasons, errors)
+        return BatchOutcome(probabilities, decisions, reasons, errors, flags)
+
+    def _validate_batch(
+        self,
+        model: ModelRuntime,
+        columns: Mapping[str, Sequence],
+        valid: np.ndarray,
+        tx: TransactionArrays,
+        errors: dict[int, InvalidInputError],
+        flags: list[tuple[str, ...]],
+    ) -> tuple[np.ndarray, TransactionArrays]:
+        """One kernel pass over the batch; rejected rows join ``errors`` and leave."""
+        assert self.policy is not None
+        mcc = np.asarray(_take(columns["mcc"], valid, True), dtype=np.int64)
+        masks = model.validation.rows(tx, mcc)
+        rejected, row_flags = self.policy.apply_rows(
+            masks,
+            lambda j: {name: columns[name][valid[j]] for name in CHECKED_FIELDS},
+            lambda j: f"transactions[{valid[j]}].",
+        )
+        for j, row in enumerate(row_flags):
+            if row:
+                flags[valid[j]] = row
+        if not rejected:
+            return valid, tx
+        for j, exc in rejected.items():
+            errors[int(valid[j])] = exc
+        keep = np.flatnonzero([j not in rejected for j in range(len(valid))])
+        return valid[keep], tx.take(keep)
 
     def score_features(self, model: ModelRuntime, features: np.ndarray) -> BatchOutcome:
         """Score ready-made feature rows (n, NUM_FEATURES): stateless, never mirrored.
@@ -291,7 +379,17 @@ class DataPlane:
             )
         scores = model.forest.predict(features, num_threads=1)
         _check_probabilities(scores, model)
-        return BatchOutcome(scores, model.decisions(scores), None, {})
+        return BatchOutcome(scores, model.decisions(scores), None, {}, [()] * len(scores))
+
+
+def _whole_request_error(errors: dict[int, InvalidInputError]) -> InvalidInputError:
+    """One error for a request that succeeds or fails whole (tensor APIs)."""
+    first = min(errors)
+    more = f" (and {len(errors) - 1} more rows)" if len(errors) > 1 else ""
+    violations = [v for i in sorted(errors) for v in errors[i].violations]
+    return InvalidInputError(
+        f"row {first}: {errors[first]}{more}; no row was scored", violations=violations
+    )
 
 
 def _take(values: Sequence, index: np.ndarray, subset: bool) -> Sequence:

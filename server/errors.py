@@ -51,9 +51,17 @@ class InvalidInputError(ServingError):
 
     code = ErrorCode.INVALID_ARGUMENT
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        violations: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.field = field
+        # (field, description) pairs for google.rpc.BadRequest; one per bad field
+        self.violations = violations or ([(field, message)] if field else [])
 
 
 class ModelNotFoundError(ServingError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from riskwire.kernels.schema import FEATURE_NAMES
+from riskwire.kernels.validate import ValidationSpec
 from riskwire.pipeline.errors import PipelineError
 from riskwire.pipeline.package import ModelPackage, list_versions, load_package
 
@@ -31,6 +32,7 @@ class ModelRuntime:
     review_threshold: float
     decline_threshold: float
     feature_names: tuple[str, ...]
+    validation: ValidationSpec
 
     @property
     def forest(self):  # noqa: ANN201 - the kernels' Forest
@@ -53,15 +55,19 @@ class ModelRuntime:
         return np.array(("approve", "review", "decline"), dtype=object)[codes]
 
     def warmup(self) -> None:
-        """Compile (or load from cache) and run every forest kernel once."""
+        """Compile (or load from cache) and run every forest and validation kernel once."""
         self.forest.warmup()
+        self.validation.warmup()
 
 
 class ModelRegistry:
     """Every model under the models directory, at its serving version."""
 
-    def __init__(self, models_dir: Path, default_model: str) -> None:
+    def __init__(
+        self, models_dir: Path, default_model: str, *, range_tolerance: float = 0.1
+    ) -> None:
         self._models_dir = models_dir
+        self._range_tolerance = range_tolerance
         self.default_model = default_model
         self._models: dict[tuple[str, str], ModelRuntime] = {}
         self._serving: dict[str, str] = {}
@@ -99,6 +105,7 @@ class ModelRegistry:
             review_threshold=float(package.thresholds["review"]),
             decline_threshold=float(package.thresholds["decline"]),
             feature_names=names,
+            validation=ValidationSpec.from_schema(package.schema, tolerance=self._range_tolerance),
         )
         self._models[(runtime.name, runtime.version)] = runtime
         return runtime

@@ -31,6 +31,7 @@ from riskwire.shadow.config import ShadowConfigError, write_control
 
 from .admin import (
     CONTROL_FILE,
+    DRIFT_DIR,
     STATS_DIR,
     check_local_target,
     shadow_config_from_settings,
@@ -38,6 +39,8 @@ from .admin import (
 )
 from .config import Settings, SettingsError, replace
 from .errors import ModelNotFoundError
+from .monitoring.alerts import engine_from_config
+from .monitoring.drift import DriftMonitor, alert_config
 from .state import SharedCardState
 from .worker import WorkerFailed, WorkerReady, configure_logging, run_worker
 
@@ -86,6 +89,7 @@ class Supervisor:
         self._state: SharedCardState | None = None
         self._own_run_dir = False
         self.admin_port: int | None = None
+        self.drift: DriftMonitor | None = None
 
     def run(self) -> int:
         """Serve until asked to stop; returns the process exit status."""
@@ -103,7 +107,8 @@ class Supervisor:
         admin = None
         try:
             run_dir = self._prepare_run_dir()
-            admin, self.admin_port = start_admin_server(self.settings, run_dir)
+            self.drift = self._drift_monitor(run_dir)
+            admin, self.admin_port = start_admin_server(self.settings, run_dir, self.drift)
             log.info("admin API on %s:%d", settings.admin_host, self.admin_port)
             for slot in self._slots:
                 self._start(slot)
@@ -112,9 +117,30 @@ class Supervisor:
             self._shutdown()
             if admin is not None:
                 admin.stop(1.0)
+            if self.drift is not None:
+                self.drift.engine.close(5.0)
             if self._own_run_dir:
                 shutil.rmtree(self.settings.run_dir, ignore_errors=True)
         return 1 if self._failed else 0
+
+    def _drift_monitor(self, run_dir: Path) -> DriftMonitor | None:
+        """The drift monitor and its alert engine (None when drift monitoring is off)."""
+        settings = self.settings
+        if not settings.drift:
+            return None
+        try:
+            config = alert_config(settings.alert_rules, settings.alert_webhook)
+            engine = engine_from_config(config, incident_log=settings.incident_log)
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"alerts: {exc}") from None
+        return DriftMonitor(
+            Path(settings.models),
+            run_dir / DRIFT_DIR,
+            engine,
+            history_path=settings.drift_history,
+            min_count=settings.drift_min_count,
+            history_every_s=max(settings.drift_eval_s, 60.0 if settings.profile != "test" else 0),
+        )
 
     def _prepare_run_dir(self) -> Path:
         """Create the run directory and write the start-up shadow configuration."""
@@ -125,7 +151,7 @@ class Supervisor:
             run_dir = Path(tempfile.mkdtemp(prefix="riskwire-run-"))
             self._own_run_dir = True
             self.settings = replace(self.settings, run_dir=str(run_dir))
-        for stale in (run_dir / STATS_DIR).glob("worker-*.json"):
+        for stale in (*(run_dir / STATS_DIR).glob("*.json"), *(run_dir / DRIFT_DIR).glob("*.json")):
             stale.unlink()
         settings = self.settings
         try:
@@ -160,6 +186,7 @@ class Supervisor:
     def _loop(self) -> None:
         settings = self.settings
         next_snapshot = time.monotonic() + settings.snapshot_interval_s
+        next_drift = time.monotonic() + settings.drift_eval_s
         announced = False
         while not self._stopping and self._failed is None:
             sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
@@ -176,6 +203,12 @@ class Supervisor:
             now = time.monotonic()
             for slot in self._slots:
                 self._reap(slot, now)
+            if self.drift is not None and now >= next_drift:
+                next_drift = now + settings.drift_eval_s
+                try:
+                    self.drift.evaluate()
+                except Exception:  # noqa: BLE001 - monitoring must never stop serving
+                    log.exception("drift evaluation failed")
             if settings.snapshot_interval_s > 0 and now >= next_snapshot:
                 self._snapshot()
                 next_snapshot = now + settings.snapshot_interval_s

@@ -95,7 +95,9 @@ def run_worker(
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
-        server, health, state, mirror = _build_server(worker_id, settings, state_name, events)
+        server, health, state, (mirror, recorder) = _build_server(
+            worker_id, settings, state_name, events
+        )
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
         log.exception("worker %d failed to start", worker_id)
         events.put(
@@ -118,6 +120,8 @@ def run_worker(
     signal.signal(signal.SIGTERM, on_sigterm)
     server.wait_for_termination()
     mirror.stop(timeout_s=settings.grace_period_s)
+    if recorder is not None:
+        recorder.stop()
     state.close()
     log.info("stopped")
     logging.shutdown()
@@ -141,7 +145,9 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     from .registry import ModelRegistry
     from .state import SharedCardState
 
-    registry = ModelRegistry(Path(settings.models), settings.default_model)
+    registry = ModelRegistry(
+        Path(settings.models), settings.default_model, range_tolerance=settings.range_tolerance
+    )
     runtimes = registry.load_all()
     if not runtimes:
         raise RuntimeError(f"no loadable model package under {settings.models}")
@@ -150,12 +156,16 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     for runtime in runtimes:
         runtime.warmup()
     mirror = _start_mirror(worker_id, settings, registry)
+    policy = _validation_policy(settings)
+    recorder = _start_recorder(worker_id, settings, runtimes, policy)
     dataplane = DataPlane(
         registry,
         state,
         default_top_reasons=settings.default_top_reasons,
         max_batch_rows=settings.max_batch_rows,
         mirror=mirror,
+        policy=policy,
+        monitor=recorder,
     )
     labels = LabelStore(settings.shadow_path, worker_id)
 
@@ -185,7 +195,42 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     serving.set()
     events.put(WorkerReady(worker_id, os.getpid(), tuple(registry.names())))
     log.info("serving %s on %s", ", ".join(r.name + " v" + r.version for r in runtimes), address)
-    return server, health_servicer, state, mirror
+    return server, health_servicer, state, (mirror, recorder)
+
+
+def _start_recorder(worker_id, settings, runtimes, policy):  # noqa: ANN001, ANN202
+    """This worker's drift sketches (None when drift monitoring is off)."""
+    if not settings.drift:
+        return None
+    from .admin import DRIFT_DIR
+    from .monitoring.recorder import DriftRecorder, parse_windows
+
+    recorder = DriftRecorder(
+        worker_id,
+        Path(settings.run_dir) / DRIFT_DIR / f"worker-{worker_id}-{os.getpid()}.json",
+        windows=parse_windows(settings.drift_windows),
+        bucket_s=settings.drift_bucket_s,
+        publish_s=settings.drift_publish_s,
+        counters=(lambda: dict(policy.counts)) if policy is not None else None,
+    )
+    for runtime in runtimes:
+        recorder.add_model(runtime.name, runtime.version, runtime.package.profile)
+    recorder.start()
+    return recorder
+
+
+def _validation_policy(settings: Settings):  # noqa: ANN202
+    """The request/response validation policy, or None when validation is off."""
+    if not settings.validation:
+        return None
+    from .validation import PolicyConfig, ValidationPolicy
+
+    config = PolicyConfig(
+        schema=settings.validate_schema,
+        range=settings.validate_range,
+        category=settings.validate_category,
+    )
+    return ValidationPolicy(config, settings.output_failsafe)
 
 
 def _start_mirror(worker_id, settings, registry):  # noqa: ANN001, ANN202

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -119,7 +120,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _score_single(
         self, model: ModelRuntime, columns: dict, request_id: str
-    ) -> tuple[list, list]:
+    ) -> tuple[list, list, list]:
         transaction_ids = columns.get("transaction_id")
         outcome = self._dataplane.score_one(
             model,
@@ -129,7 +130,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             request_id=request_id,
             transaction_id=transaction_ids[0] if transaction_ids else "",
         )
-        return [outcome.probability], [outcome.decision]
+        return [outcome.probability], [outcome.decision], [outcome.flags]
 
     def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         dataplane = self._dataplane
@@ -146,20 +147,25 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if features is not None:  # ready-made feature rows: stateless scoring
             outcome = dataplane.score_features(model, features)
             probabilities, decisions, rows = outcome.probabilities, outcome.decisions, len(features)
+            flags = outcome.flags
         else:
             columns, rows = decode_inputs(request, dataplane.max_batch_rows)
             if rows == 1:  # the common online case: the allocation-free single-row path
-                probabilities, decisions = self._score_single(model, columns, request_id)
+                probabilities, decisions, flags = self._score_single(model, columns, request_id)
             else:
                 # All or nothing: a tensor request with a bad row must not touch card state.
                 outcome = dataplane.score_batch(
                     model, columns, all_or_nothing=True, request_id=request_id
                 )
                 probabilities, decisions = outcome.probabilities, outcome.decisions
+                flags = outcome.flags
         shape = [rows, 1] if len(request.inputs[0].shape) == 2 else [rows]
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request_id
         )
+        flagged = {str(i): list(f) for i, f in enumerate(flags) if f}
+        if flagged:  # validation findings scored anyway: {"row": ["range:amount", ...]}
+            response.parameters["flags"].string_param = json.dumps(flagged)
         for name in wanted:
             if name == "probability":
                 content = np.asarray(probabilities, dtype="<f8").tobytes()

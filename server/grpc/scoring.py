@@ -90,6 +90,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             model_name=model.name,
             model_version=model.version,
             reasons=_reason_messages(outcome.reasons),
+            flags=outcome.flags,
         )
 
     @unary
@@ -128,6 +129,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
                     model_name=model.name,
                     model_version=model.version,
                     reasons=_reason_messages(outcome.reasons[i]) if outcome.reasons else (),
+                    flags=outcome.flags[i],
                 )
             )
         return scoring_pb2.ScoreBatchResponse(

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from ..errors import DeadlineExpiredError, ErrorCode, ServingError
+from ..errors import DeadlineExpiredError, ErrorCode, InvalidInputError, ServingError, clip
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,9 @@ GRPC_CODES: dict[ErrorCode, grpc.StatusCode] = {
 RPC_CODE_NUMBERS: dict[ErrorCode, int] = {code: GRPC_CODES[code].value[0] for code in ErrorCode}
 
 MAX_MESSAGE_CHARS = 2048
+# Trailers are capped at 16 KiB (grpc-message + base64 grpc-status-details-bin).
+MAX_VIOLATIONS = 16
+MAX_DESCRIPTION_CHARS = 300
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
@@ -48,6 +54,8 @@ def unary(method: Handler) -> Handler:
         try:
             check_deadline(context)
             return method(self, request, context)
+        except InvalidInputError as exc:
+            abort_invalid(context, exc)
         except ServingError as exc:
             context.abort(GRPC_CODES[exc.code], _capped(str(exc)))
         except Exception:  # noqa: BLE001 - nothing a client sends may crash a worker
@@ -55,6 +63,25 @@ def unary(method: Handler) -> Handler:
             context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged)")
 
     return wrapper  # type: ignore[return-value]
+
+
+def abort_invalid(context: grpc.ServicerContext, exc: InvalidInputError) -> None:
+    """INVALID_ARGUMENT with a google.rpc.BadRequest naming each violated field."""
+    message = _capped(str(exc))
+    if not exc.violations:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=clip(f), description=d[:MAX_DESCRIPTION_CHARS]
+            )
+            for f, d in exc.violations[:MAX_VIOLATIONS]
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad_request)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    context.abort_with_status(rpc_status.to_status(status))
 
 
 def _capped(message: str) -> str:
