@@ -67,6 +67,9 @@ class Settings:
     drift_publish_s: float = 5.0  # workers publish their sketches this often
     drift_eval_s: float = 10.0  # the supervisor measures drift and evaluates alerts
     drift_min_count: int = 200  # fewer requests in a window: no drift verdict (NaN)
+    prediction_log_rate: float = 100.0  # percent of answers logged (0 = off), for live AUC
+    performance_eval_s: float = 300.0  # live performance from logged predictions + labels
+    performance_min_labels: int = 100  # fewer labelled predictions in a window: NaN
     alert_rules: str = ""  # TOML file with [[rule]] and [[route]] tables; "" = defaults
     alert_webhook: str = ""  # also POST every alert to this URL
     # Control plane (admin API, in the supervisor). 0 = any free port (logged).
@@ -116,6 +119,8 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.prediction_log_rate <= 100.0 or self.performance_eval_s <= 0:
+            raise SettingsError("prediction_log_rate must be in 0..100, performance_eval_s > 0")
         if self.drift_bucket_s < 1 or self.drift_publish_s <= 0 or self.drift_eval_s <= 0:
             raise SettingsError("drift_bucket_s must be >= 1, drift_publish/eval_s > 0")
         try:

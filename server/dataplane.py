@@ -53,6 +53,14 @@ class Monitor(Protocol):
     def record_many(self, *args: object) -> None: ...
 
 
+class PredictionSink(Protocol):
+    """The prediction log (riskwire.server.monitoring.predictions)."""
+
+    def add_one(self, *args: object) -> None: ...
+
+    def add_many(self, *args: object) -> None: ...
+
+
 class FeatureState(Protocol):
     """Per-card state that turns encoded transactions into feature rows."""
 
@@ -121,8 +129,10 @@ class DataPlane:
         mirror: Mirror | None = None,
         policy: ValidationPolicy | None = None,
         monitor: Monitor | None = None,
+        predictions: PredictionSink | None = None,
     ) -> None:
         self.registry = registry
+        self.predictions = predictions
         self.mirror = mirror
         self.policy = policy
         self.monitor = monitor
@@ -218,6 +228,12 @@ class DataPlane:
             monitor.record_one(
                 model.name, model.version, row, int(tx.card_country[0]), probability, bool(flags)
             )
+        predictions = self.predictions
+        if predictions is not None:
+            predictions.add_one(
+                request_id, transaction_id, self._clock_ms(), model.name, model.version,
+                probability, decision,
+            )  # fmt: skip
         mirror = self.mirror
         if mirror is not None and mirror.active and mirror.sampled():
             mirror.offer_one(
@@ -307,6 +323,12 @@ class DataPlane:
             _check_probabilities(scores, model)
             probabilities[valid] = scores
             decisions[valid] = model.decisions(scores)
+            if self.predictions is not None:
+                self.predictions.add_many(
+                    request_id, columns.get("transaction_id"), valid,
+                    np.full(len(valid), self._clock_ms()), model.name, model.version,
+                    scores, decisions[valid],
+                )  # fmt: skip
             if self.monitor is not None:
                 flagged = np.array([bool(flags[i]) for i in valid], dtype=np.bool_)
                 self.monitor.record_many(

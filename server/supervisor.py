@@ -41,6 +41,7 @@ from .config import Settings, SettingsError, replace
 from .errors import ModelNotFoundError
 from .monitoring.alerts import engine_from_config
 from .monitoring.drift import DriftMonitor, alert_config
+from .monitoring.recorder import parse_windows
 from .state import SharedCardState
 from .worker import WorkerFailed, WorkerReady, configure_logging, run_worker
 
@@ -140,6 +141,10 @@ class Supervisor:
             history_path=settings.drift_history,
             min_count=settings.drift_min_count,
             history_every_s=max(settings.drift_eval_s, 60.0 if settings.profile != "test" else 0),
+            predictions_dir=settings.shadow_path if settings.prediction_log_rate > 0 else None,
+            windows=parse_windows(settings.drift_windows),
+            performance_every_s=settings.performance_eval_s,
+            min_labels=settings.performance_min_labels,
         )
 
     def _prepare_run_dir(self) -> Path:

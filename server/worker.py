@@ -95,7 +95,7 @@ def run_worker(
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
-        server, health, state, (mirror, recorder) = _build_server(
+        server, health, state, (mirror, recorder, predictions) = _build_server(
             worker_id, settings, state_name, events
         )
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
@@ -122,6 +122,8 @@ def run_worker(
     mirror.stop(timeout_s=settings.grace_period_s)
     if recorder is not None:
         recorder.stop()
+    if predictions is not None:
+        predictions.stop()
     state.close()
     log.info("stopped")
     logging.shutdown()
@@ -158,6 +160,7 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     mirror = _start_mirror(worker_id, settings, registry)
     policy = _validation_policy(settings)
     recorder = _start_recorder(worker_id, settings, runtimes, policy)
+    predictions = _start_prediction_log(worker_id, settings)
     dataplane = DataPlane(
         registry,
         state,
@@ -166,6 +169,7 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
         mirror=mirror,
         policy=policy,
         monitor=recorder,
+        predictions=predictions,
     )
     labels = LabelStore(settings.shadow_path, worker_id)
 
@@ -195,7 +199,24 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     serving.set()
     events.put(WorkerReady(worker_id, os.getpid(), tuple(registry.names())))
     log.info("serving %s on %s", ", ".join(r.name + " v" + r.version for r in runtimes), address)
-    return server, health_servicer, state, (mirror, recorder)
+    return server, health_servicer, state, (mirror, recorder, predictions)
+
+
+def _start_prediction_log(worker_id, settings):  # noqa: ANN001, ANN202
+    """This worker's prediction log (None when the rate is 0)."""
+    if settings.prediction_log_rate <= 0:
+        return None
+    from .monitoring.predictions import PredictionLog
+
+    log_ = PredictionLog(
+        settings.shadow_path,
+        worker_id,
+        rate_percent=settings.prediction_log_rate,
+        flush_seconds=settings.shadow_flush_seconds,
+        flush_rows=settings.shadow_flush_rows,
+    )
+    log_.start()
+    return log_
 
 
 def _start_recorder(worker_id, settings, runtimes, policy):  # noqa: ANN001, ANN202

@@ -5,6 +5,7 @@ Layout under the shadow directory (``Settings.shadow_dir``, default
 
     records/part-<utc time>-w<worker>-<pid>-<seq>.parquet   one per flush, per worker
     labels/part-<utc time>-w<worker>-<pid>-<seq>.parquet    Feedback RPC labels
+    predictions/part-…parquet                               the primary's predictions
 
 Each segment is written under a temporary dot-name, fsynced, renamed into place and
 the directory fsynced, so a reader never sees a half-written file and a crash loses
@@ -38,6 +39,7 @@ from riskwire.kernels.schema import FEATURE_NAMES
 
 RECORDS = "records"
 LABELS = "labels"
+PREDICTIONS = "predictions"
 FEATURE_PREFIX = "f_"
 COMPRESSION = "snappy"  # cheap to write on the server; every Parquet reader knows it
 
@@ -73,6 +75,20 @@ LABEL_SCHEMA = pa.schema(
         pa.field("labelled_at", _TIME),  # when the truth became known (e.g. chargeback)
         pa.field("received_at", _TIME),  # when the server stored it
         pa.field("worker", pa.int16()),
+    ]
+)
+
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string()),
+        pa.field("transaction_id", pa.string()),
+        pa.field("time", _TIME),
+        pa.field("worker", pa.int16()),
+        pa.field("model", pa.string()),
+        pa.field("version", pa.string()),
+        pa.field("probability", pa.float64()),
+        pa.field("decision", pa.string()),
     ]
 )
 
@@ -231,6 +247,16 @@ def read_records(
 ) -> pa.Table:
     """Every paired record with ``since <= time < until`` (features only if recorded)."""
     return _read_stream(directory, RECORDS, RECORD_SCHEMA, "time", since, until)
+
+
+def read_predictions(
+    directory: str | os.PathLike[str],
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> pa.Table:
+    """Logged primary predictions with ``since <= time < until``."""
+    return _read_stream(directory, PREDICTIONS, PREDICTION_SCHEMA, "time", since, until)
 
 
 def read_labels(directory: str | os.PathLike[str]) -> pa.Table:

@@ -15,7 +15,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-MEASURES = frozenset({"psi", "js", "linf", "missing_rate_change", "flagged_share"})
+MEASURES = frozenset(
+    {
+        "psi", "js", "linf", "missing_rate_change", "flagged_share",  # drift
+        "auc", "auc_drop", "precision_decline", "recall_decline", "precision_review",
+        "recall_review", "ece", "brier", "label_rate",  # live performance (delayed labels)
+    }
+)  # fmt: skip
 SEVERITIES = ("info", "warning", "critical")
 OPS = (">", "<")
 
@@ -193,6 +199,10 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     AlertRule(
         name="missing_rate_change", measure="missing_rate_change",
         threshold=0.1, resolve_threshold=0.05,
+    ),
+    AlertRule(  # concept drift: live AUC on labelled traffic below the package's test AUC
+        name="auc_drop", measure="auc_drop", window="24h", threshold=0.05,
+        resolve_threshold=0.03, for_s=1800, resolve_for_s=1800,
     ),
 )  # fmt: skip
 

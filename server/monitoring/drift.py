@@ -32,6 +32,7 @@ from riskwire.files import write_text_atomic
 from riskwire.kernels.sketch import CATEGORICAL, FLAGGED_SLOT, REQUESTS_SLOT, SketchLayout
 
 from .alerts import AlertEngine, Measurement
+from .performance import live_performance
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ class DriftMonitor:
         history_path: Path,
         min_count: int = 200,
         history_every_s: float = 60.0,
+        predictions_dir: Path | None = None,
+        windows: dict[str, float] | None = None,
+        performance_every_s: float = 300.0,
+        min_labels: int = 100,
     ) -> None:
         self.models_dir = models_dir
         self.sketch_dir = sketch_dir
@@ -147,6 +152,12 @@ class DriftMonitor:
         self._validation: dict[str, int] = {}
         self.evaluated_at = 0.0
         self._history_at = 0.0
+        self.predictions_dir = predictions_dir
+        self.windows = windows or {}
+        self.performance_every_s = performance_every_s
+        self.min_labels = min_labels
+        self._performance: list[dict[str, Any]] = []
+        self._performance_at = -math.inf
 
     def layout(self, name: str, version: str) -> SketchLayout | None:
         """The sketch layout of a model version (from its profile.json), cached."""
@@ -182,6 +193,19 @@ class DriftMonitor:
                             "count": count,
                         }
                     )  # fmt: skip
+        if (
+            self.predictions_dir is not None
+            and now - self._performance_at >= self.performance_every_s
+        ):
+            self._performance_at = now
+            try:
+                self._performance = live_performance(
+                    self.predictions_dir, self.models_dir, self.windows,
+                    now=now, min_labels=self.min_labels,
+                )  # fmt: skip
+            except (OSError, ValueError) as exc:
+                log.error("live performance could not be computed: %s", exc)
+        rows.extend(self._performance)
         validation: dict[str, int] = {}
         for payload in payloads:
             for key, value in (payload.get("validation") or {}).items():

@@ -320,3 +320,58 @@ def test_batch_validation_is_one_kernel_pass_with_the_same_verdicts(server) -> N
         )
     assert [sorted(r.flags) for r in batch.results] == singles
     assert np.count_nonzero([bool(f) for f in singles]) >= 3
+
+
+def test_live_performance_from_delayed_labels_detects_concept_drift(
+    start_server, models_dir, tmp_path
+) -> None:
+    rules = tmp_path / "alerts.toml"
+    rules.write_text(
+        '[[rule]]\nname = "auc"\nmeasure = "auc_drop"\nwindow = "1h"\nthreshold = 0.3\n'
+        'for_s = 0\nresolve_for_s = 0\nseverity = "critical"\n'
+    )
+    server = start_server(
+        models_dir,
+        env={
+            "RISKWIRE_SHADOW_DIR": str(tmp_path / "logs"),
+            "RISKWIRE_DRIFT_EVAL_S": "0.5",
+            "RISKWIRE_PERFORMANCE_EVAL_S": "0.5",
+            "RISKWIRE_PERFORMANCE_MIN_LABELS": "50",
+            "RISKWIRE_ALERT_RULES": str(rules),
+        },
+    )
+    traffic = synth.generate(6000, seed=21)
+    true_labels = traffic.column("label").to_pylist()
+    tids = traffic.column("transaction_id").to_pylist()
+
+    def performance() -> dict[str, float]:
+        values = drift_status(server.admin_target, window="1h").values
+        return {v.measure: v.value for v in values if v.column == "performance"}
+
+    def label(start: int, stop: int, flip: bool) -> None:
+        with RiskwireClient(server.target, timeout_s=30) as client:
+            outcomes = [
+                {"transaction_id": tids[i], "label": true_labels[i] ^ flip}
+                for i in range(start, stop)
+            ]
+            assert client.feedback(outcomes) == stop - start
+
+    send_traffic(server.target, traffic.slice(0, 3000))
+    label(0, 3000, flip=False)  # the truth, days later
+    live = wait_for(
+        lambda: (p := performance()) and not math.isnan(p.get("auc", math.nan)) and p,
+        30,
+        "live performance",
+    )
+    assert live["auc"] > 0.75 and live["auc_drop"] < 0.25  # far better than chance
+    assert 0 < live["label_rate"] < 0.1
+
+    # the world changes: what the model calls safe is now fraud and vice versa
+    send_traffic(server.target, traffic.slice(3000, 6000))
+    label(3000, 6000, flip=True)
+    alert = wait_for(
+        lambda: [a for a in drift_status(server.admin_target).alerts if a.rule == "auc"],
+        30,
+        "the concept-drift alert",
+    )
+    assert alert[0].measure == "auc_drop" and alert[0].value > 0.3

@@ -1,0 +1,123 @@
+"""Live model performance from the prediction log joined with delayed labels.
+
+Labels (Feedback RPC) arrive days after the prediction: verification latency. Per model
+version and window (by prediction time) the labelled predictions give the live ROC AUC,
+precision and recall at the serving decisions, and calibration (expected calibration
+error over 10 equal-count score bins, Brier score), compared with the package's test
+metrics: ``auc_drop`` = test AUC − live AUC is the concept-drift signal the alert
+rules watch. Fewer than ``min_labels`` labelled predictions (or only one class) → NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from riskwire.shadow.metrics import roc_auc
+from riskwire.shadow.records import join_labels, read_labels, read_predictions
+
+PERFORMANCE_COLUMN = "performance"
+MEASURES = (
+    "auc", "auc_drop", "precision_decline", "recall_decline", "precision_review",
+    "recall_review", "ece", "brier", "label_rate",
+)  # fmt: skip
+CALIBRATION_BINS = 10
+
+
+def expected_calibration_error(scores: np.ndarray, labels: np.ndarray) -> float:
+    """|mean predicted − observed rate| averaged over equal-count bins, weighted by size."""
+    order = np.argsort(scores, kind="stable")
+    error = 0.0
+    for chunk in np.array_split(order, min(CALIBRATION_BINS, len(order))):
+        if len(chunk):
+            error += len(chunk) * abs(scores[chunk].mean() - labels[chunk].mean())
+    return error / len(scores)
+
+
+def _precision_recall(flagged: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    hits = float(np.sum(flagged & (labels == 1)))
+    precision = hits / flagged.sum() if flagged.sum() else math.nan
+    recall = hits / labels.sum() if labels.sum() else math.nan
+    return precision, recall
+
+
+def measure(
+    scores: np.ndarray, decisions: np.ndarray, labels: np.ndarray, test_auc: float, min_labels: int
+) -> dict[str, float]:
+    """The measures of one window's labelled predictions (NaN where undefined)."""
+    values = dict.fromkeys(MEASURES, math.nan)
+    n = len(labels)
+    if n < min_labels:
+        return values
+    positives = int(labels.sum())
+    values["label_rate"] = positives / n
+    values["brier"] = float(np.mean((scores - labels) ** 2))
+    values["ece"] = expected_calibration_error(scores, labels)
+    declined = decisions == "decline"
+    reviewed = declined | (decisions == "review")
+    values["precision_decline"], values["recall_decline"] = _precision_recall(declined, labels)
+    values["precision_review"], values["recall_review"] = _precision_recall(reviewed, labels)
+    if 0 < positives < n:
+        values["auc"] = roc_auc(scores, labels)
+        if math.isfinite(test_auc):
+            values["auc_drop"] = test_auc - values["auc"]
+    return values
+
+
+def package_test_auc(models_dir: Path, name: str, version: str) -> float:
+    """The package's held-out ROC AUC (NaN if unreadable)."""
+    try:
+        metrics = json.loads((models_dir / name / version / "metrics.json").read_text())
+        return float(metrics["test"]["roc_auc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.nan
+
+
+def live_performance(
+    predictions_dir: Path,
+    models_dir: Path,
+    windows: Mapping[str, float],
+    *,
+    now: float | None = None,
+    min_labels: int = 100,
+) -> list[dict[str, Any]]:
+    """Rows (model, version, window, column "performance", measure, value, count)."""
+    now = time.time() if now is None else now
+    since = datetime.fromtimestamp(now - max(windows.values()), UTC)
+    predictions = read_predictions(predictions_dir, since=since)
+    if not predictions.num_rows:
+        return []
+    joined = join_labels(predictions, read_labels(predictions_dir))
+    labelled = joined.filter(joined["label"].is_valid())
+    times = labelled["time"].cast("int64").to_numpy() / 1000.0
+    models = np.array(labelled["model"].to_pylist(), dtype=object)
+    versions = np.array(labelled["version"].to_pylist(), dtype=object)
+    scores = labelled["probability"].to_numpy()
+    decisions = np.array(labelled["decision"].to_pylist(), dtype=object)
+    labels = labelled["label"].to_numpy().astype(np.int64)
+    rows = []
+    served = zip(predictions["model"].to_pylist(), predictions["version"].to_pylist(), strict=True)
+    for name, version in sorted(set(served)):
+        reference = package_test_auc(models_dir, name, version)
+        mine = (models == name) & (versions == version)
+        for window, seconds in windows.items():
+            inside = mine & (times >= now - seconds)
+            values = measure(
+                scores[inside], decisions[inside], labels[inside], reference, min_labels
+            )
+            for measure_name, value in values.items():
+                rows.append(
+                    {
+                        "model": name, "version": version, "window": window,
+                        "column": PERFORMANCE_COLUMN, "measure": measure_name,
+                        "value": float(value), "count": float(inside.sum()),
+                    }
+                )  # fmt: skip
+    return rows
