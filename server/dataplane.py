@@ -313,8 +313,11 @@ class DataPlane:
             event_times = np.asarray(picked.pop("event_time_ms"), dtype=np.int64)
             event_times = np.where(event_times == 0, self._clock_ms(), event_times)
             tx = encode_columns({**picked, "event_time": event_times})
+            flagged = np.zeros(len(valid), dtype=np.bool_)
             if self.policy is not None:
-                valid, tx = self._validate_batch(model, columns, valid, tx, errors, flags)
+                valid, tx, flagged = self._validate_batch(
+                    model, columns, valid, tx, picked["mcc"], errors, flags
+                )
                 if errors and all_or_nothing:
                     raise _whole_request_error(errors)
         if len(valid):
@@ -330,7 +333,6 @@ class DataPlane:
                     scores, decisions[valid],
                 )  # fmt: skip
             if self.monitor is not None:
-                flagged = np.array([bool(flags[i]) for i in valid], dtype=np.bool_)
                 self.monitor.record_many(
                     model.name, model.version, features, tx.card_country, scores, flagged
                 )
@@ -361,27 +363,30 @@ class DataPlane:
         columns: Mapping[str, Sequence],
         valid: np.ndarray,
         tx: TransactionArrays,
+        mcc: Sequence[int],
         errors: dict[int, InvalidInputError],
         flags: list[tuple[str, ...]],
-    ) -> tuple[np.ndarray, TransactionArrays]:
-        """One kernel pass over the batch; rejected rows join ``errors`` and leave."""
+    ) -> tuple[np.ndarray, TransactionArrays, np.ndarray]:
+        """One kernel pass over the batch; rejected rows join ``errors`` and leave.
+
+        Returns the rows kept, their encoded transactions and which of them are flagged.
+        """
         assert self.policy is not None
-        mcc = np.asarray(_take(columns["mcc"], valid, True), dtype=np.int64)
-        masks = model.validation.rows(tx, mcc)
+        masks = model.validation.rows(tx, np.asarray(mcc, dtype=np.int64))
         rejected, row_flags = self.policy.apply_rows(
             masks,
             lambda j: {name: columns[name][valid[j]] for name in CHECKED_FIELDS},
             lambda j: f"transactions[{valid[j]}].",
         )
-        for j, row in enumerate(row_flags):
-            if row:
-                flags[valid[j]] = row
+        for j, row in row_flags.items():
+            flags[valid[j]] = row
+        flagged = (masks & self.policy.flag_mask) != 0
         if not rejected:
-            return valid, tx
+            return valid, tx, flagged
         for j, exc in rejected.items():
             errors[int(valid[j])] = exc
         keep = np.flatnonzero([j not in rejected for j in range(len(valid))])
-        return valid[keep], tx.take(keep)
+        return valid[keep], tx.take(keep), flagged[keep]
 
     def score_features(self, model: ModelRuntime, features: np.ndarray) -> BatchOutcome:
         """Score ready-made feature rows (n, NUM_FEATURES): stateless, never mirrored.

@@ -93,16 +93,19 @@ class ValidationPolicy:
         masks: np.ndarray,
         values_of: Callable[[int], dict[str, object]],
         prefix_of: Callable[[int], str],
-    ) -> tuple[dict[int, InvalidInputError], list[tuple[str, ...]]]:
-        """Per-row errors (rejected rows) and flags of a batch; ``values_of(i)`` and
-        ``prefix_of(i)`` are asked only for rows with a violation."""
+    ) -> tuple[dict[int, InvalidInputError], dict[int, tuple[str, ...]]]:
+        """Errors of the rejected rows and flags of the flagged ones, by row; ``values_of(i)``
+        and ``prefix_of(i)`` are asked only for rows with a violation."""
         errors: dict[int, InvalidInputError] = {}
-        flags: list[tuple[str, ...]] = [()] * len(masks)
+        flags: dict[int, tuple[str, ...]] = {}
         for i in np.flatnonzero(masks).tolist():
             try:
-                flags[i] = self.apply(int(masks[i]), values_of(i), prefix_of(i))
+                found = self.apply(int(masks[i]), values_of(i), prefix_of(i))
             except InvalidInputError as exc:
                 errors[i] = exc
+                continue
+            if found:
+                flags[i] = found
         clean = len(masks) - int(np.count_nonzero(masks))
         with self._lock:
             self.counts["validated"] += clean

@@ -157,6 +157,9 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     features.warmup()
     for runtime in runtimes:
         runtime.warmup()
+    from riskwire.shadow.records import warm_up as warm_up_segments
+
+    warm_up_segments()
     mirror = _start_mirror(worker_id, settings, registry)
     policy = _validation_policy(settings)
     recorder = _start_recorder(worker_id, settings, runtimes, policy)

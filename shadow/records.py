@@ -211,6 +211,17 @@ def _column(chunks: list[Sequence], kind: pa.DataType) -> pa.Array:
     return pa.array(list(itertools.chain.from_iterable(chunks)), type=kind)
 
 
+def warm_up() -> None:
+    """Import and run every Arrow/Parquet code path a segment write takes, so the first
+    flush in a serving process does not stall it with lazy imports."""
+    import io
+
+    table = pa.Table.from_arrays(
+        [_column([["x"]], pa.string()), _column([np.zeros(1)], pa.float64())], names=["s", "f"]
+    )
+    pq.write_table(table, io.BytesIO(), compression=COMPRESSION)
+
+
 def segment_files(directory: str | os.PathLike[str], stream: str) -> list[Path]:
     """Finished segments of one stream (``records`` or ``labels``), oldest name first."""
     folder = Path(directory) / stream

@@ -13,6 +13,7 @@ import random
 import threading
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,20 @@ import numpy as np
 from riskwire.shadow.records import PREDICTION_SCHEMA, PREDICTIONS, SegmentWriter
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """The scored rows of one batch call, as the handler had them."""
+
+    request_id: str
+    transaction_ids: Sequence[str] | None
+    rows: np.ndarray
+    time_ms: np.ndarray
+    model: str
+    version: str
+    probabilities: np.ndarray
+    decisions: np.ndarray
 
 
 class PredictionLog:
@@ -78,17 +93,17 @@ class PredictionLog:
         probabilities: np.ndarray,
         decisions: np.ndarray,
     ) -> None:
-        """Log the scored rows of a batch call (ids ``<request_id>/<row>``)."""
-        for j, i in enumerate(rows.tolist()):
-            self.add_one(
-                f"{request_id}/{i}",
-                transaction_ids[i] if transaction_ids else "",
-                int(time_ms[j]),
-                model,
-                version,
-                float(probabilities[j]),
-                decisions[j],
-            )
+        """Log the scored rows of a batch call (ids ``<request_id>/<row>``); the strings
+        are built by the background thread, not here."""
+        if self.rate_percent < 100.0:
+            keep = np.random.random(len(rows)) * 100.0 < self.rate_percent
+            rows, time_ms = rows[keep], time_ms[keep]
+            probabilities, decisions = probabilities[keep], decisions[keep]
+        if len(rows):
+            self._pending.append(
+                _Batch(request_id, transaction_ids, rows, time_ms, model, version,
+                       probabilities, decisions)
+            )  # fmt: skip
 
     def start(self) -> None:
         """Start the background writer."""
@@ -104,19 +119,33 @@ class PredictionLog:
 
     def _drain(self) -> None:
         pending = self._pending
-        rows = [pending.popleft() for _ in range(len(pending))]
-        if not rows:
-            return
-        ids, transactions, times, models, versions, probabilities, decisions = zip(
-            *rows, strict=True
-        )
-        try:
-            self._writer.add_rows(
+        items = [pending.popleft() for _ in range(len(pending))]
+        singles = [item for item in items if not isinstance(item, _Batch)]
+        columns = []
+        if singles:
+            ids, transactions, times, models, versions, probabilities, decisions = zip(
+                *singles, strict=True
+            )
+            columns.append(
                 [
-                    list(ids), list(transactions), list(times), [self.worker] * len(rows),
+                    list(ids), list(transactions), list(times), [self.worker] * len(singles),
                     list(models), list(versions), list(probabilities), list(decisions),
                 ]
             )  # fmt: skip
+        for batch in (item for item in items if isinstance(item, _Batch)):
+            rows = batch.rows.tolist()
+            n, tids = len(rows), batch.transaction_ids
+            columns.append(
+                [
+                    [f"{batch.request_id}/{i}" for i in rows],
+                    [tids[i] for i in rows] if tids else [""] * n,
+                    batch.time_ms.tolist(), [self.worker] * n, [batch.model] * n,
+                    [batch.version] * n, batch.probabilities.tolist(), list(batch.decisions),
+                ]
+            )  # fmt: skip
+        try:
+            for chunk in columns:
+                self._writer.add_rows(chunk)
         except OSError as exc:
             log.error("prediction log could not be written: %s", exc)
 
