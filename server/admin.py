@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from concurrent import futures
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .errors import InvalidInputError, ModelNotFoundError
 from .grpc.reflection import enable_reflection
 from .grpc.status import unary
 from .monitoring.alerts import Measurement
-from .monitoring.drift import DriftMonitor
+from .monitoring.drift import DriftMonitor, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +85,6 @@ def read_worker_stats(stats_dir: Path) -> tuple[list[dict], dict[tuple, PairStat
             else:
                 merged[key] = stats
     return workers, merged
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _to_proto(config: ShadowConfig) -> admin_pb2.ShadowConfig:
@@ -185,7 +174,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                             from_decision=source, to_decision=target, count=int(stats.flips[i, j])
                         )
         for payload in workers:
-            if not _pid_alive(payload["pid"]):
+            if not pid_alive(payload["pid"]):
                 continue
             response.workers.add(
                 worker=payload["worker"],

@@ -165,13 +165,15 @@ def _pair_section(n: int, pair: dict[str, Any], c: RecordColumns) -> str:
     )
 
 
-def _figure(width: float = 6.4, height: float = 4.2) -> Any:
+def figure(width: float = 6.4, height: float = 4.2) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global state)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
     return Figure(figsize=(width, height), dpi=96, layout="constrained")
 
 
-def _png(fig: Any, alt: str) -> str:
+def png_img(fig: Any, alt: str) -> str:
+    """``fig`` as an inline base64 PNG <img> (the figure is cleared)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     fig.clear()
@@ -202,7 +204,7 @@ def _scatter_html(c: RecordColumns) -> str:
         ok = np.sort(np.random.default_rng(0).choice(ok, SCATTER_POINTS, replace=False))
     x, y = _logit(c.primary[ok]), _logit(c.shadow[ok])
     flip = decision_codes(c.primary_decision[ok]) != decision_codes(c.shadow_decision[ok])
-    fig = _figure(6.0, 5.6)
+    fig = figure(6.0, 5.6)
     ax = fig.add_subplot()
     ax.scatter(x[~flip], y[~flip], s=3, alpha=0.3, color="#4c72b0", label="same decision")
     ax.scatter(x[flip], y[flip], s=6, alpha=0.7, color="#d62728", label="decision flip")
@@ -214,14 +216,14 @@ def _scatter_html(c: RecordColumns) -> str:
     _probability_axis(ax.yaxis)
     ax.legend(loc="upper left")
     note = f"<figcaption>{len(ok)} of {int(c.scored.sum())} scored pairs shown.</figcaption>"
-    return _png(fig, "scatter of primary vs shadow probability") + note
+    return png_img(fig, "scatter of primary vs shadow probability") + note
 
 
 def _histograms_html(pair: dict[str, Any]) -> str:
     hist = pair["histograms"]
     inner = _logit(np.asarray(hist["edges"][1:-1]))
     edges = np.r_[inner[0] - 1.0, inner, inner[-1] + 1.0]
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     for name, color in (("primary", "#4c72b0"), ("shadow", "#dd8452")):
         counts = np.asarray(hist[name], np.float64)
@@ -230,12 +232,12 @@ def _histograms_html(pair: dict[str, Any]) -> str:
     ax.set_title(f"PSI {_fmt(pair['summary']['psi'])}")
     _probability_axis(ax.xaxis)
     ax.legend()
-    return _png(fig, "score histograms")
+    return png_img(fig, "score histograms")
 
 
 def _flips_html(pair: dict[str, Any]) -> str:
     counts = np.asarray(pair["flip_matrix"]["counts"])
-    fig = _figure(4.8, 4.0)
+    fig = figure(4.8, 4.0)
     ax = fig.add_subplot()
     image = ax.imshow(np.log1p(counts), cmap="Blues")
     for (i, j), value in np.ndenumerate(counts):
@@ -246,7 +248,7 @@ def _flips_html(pair: dict[str, Any]) -> str:
     ax.set(xlabel="shadow decision", ylabel="primary decision")
     rows = [[f"<b>{d}</b>", *map(str, row)] for d, row in zip(DECISIONS, counts, strict=True)]
     table = _table(["primary ↓ / shadow →", *DECISIONS], rows)
-    return _png(fig, "decision flip matrix") + table
+    return png_img(fig, "decision flip matrix") + table
 
 
 def _over_time_html(pair: dict[str, Any]) -> str:
@@ -256,7 +258,7 @@ def _over_time_html(pair: dict[str, Any]) -> str:
     def values(name: str) -> np.ndarray:
         return np.array([math.nan if v is None else v for v in series[name]], np.float64)
 
-    fig = _figure(7.0, 4.6)
+    fig = figure(7.0, 4.6)
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(times, 100 * values("agreement_rate"), marker="o", ms=3)
     top.set_ylabel("agreement (%)")
@@ -264,7 +266,7 @@ def _over_time_html(pair: dict[str, Any]) -> str:
     bottom.set_ylabel("mean |Δp|")
     bottom.set_xlabel(f"time (UTC), {_duration(series['bucket_seconds'])} buckets")
     fig.autofmt_xdate()
-    return _png(fig, "agreement and mean absolute delta over time")
+    return png_img(fig, "agreement and mean absolute delta over time")
 
 
 def _duration(seconds: int) -> str:
@@ -290,7 +292,7 @@ def _latency_html(pair: dict[str, Any], c: RecordColumns) -> str:
         return "<p class='note'>No latencies recorded.</p>" + table
     low, high = min(v.min() for v in present), max(v.max() for v in present)
     bins = np.geomspace(low, high * 1.0001 if high > low else low * 2, 60)
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     for (name, v), color in zip(series.items(), ("#4c72b0", "#dd8452"), strict=True):
         if len(v):
@@ -298,7 +300,7 @@ def _latency_html(pair: dict[str, Any], c: RecordColumns) -> str:
             ax.axvline(np.quantile(v, 0.99), color=color, ls=":", lw=1)
     ax.set(xscale="log", xlabel="latency per request (µs, dotted: p99)", ylabel="requests")
     ax.legend()
-    return _png(fig, "latency histograms") + table
+    return png_img(fig, "latency histograms") + table
 
 
 def _quality_figures(pair: dict[str, Any], c: RecordColumns) -> list[tuple[str, str, str]]:
@@ -320,13 +322,13 @@ def _quality_figures(pair: dict[str, Any], c: RecordColumns) -> list[tuple[str, 
         "shadow": RankedScores(c.shadow[use], y).curves(),
     }
     return [
-        ("roc", titles[0], _curve_png(q, curves, "roc") + _quality_table(q)),
-        ("pr", titles[1], _curve_png(q, curves, "pr")),
+        ("roc", titles[0], _curvepng_img(q, curves, "roc") + _quality_table(q)),
+        ("pr", titles[1], _curvepng_img(q, curves, "pr")),
     ]
 
 
-def _curve_png(q: dict[str, Any], curves: dict[str, dict], kind: str) -> str:
-    fig = _figure(5.6, 5.0)
+def _curvepng_img(q: dict[str, Any], curves: dict[str, dict], kind: str) -> str:
+    fig = figure(5.6, 5.0)
     ax = fig.add_subplot()
     metric, x, y = ("roc_auc", "fpr", "tpr") if kind == "roc" else ("pr_auc", "recall", "precision")
     for name, color in (("primary", "#4c72b0"), ("shadow", "#dd8452")):
@@ -343,7 +345,7 @@ def _curve_png(q: dict[str, Any], curves: dict[str, dict], kind: str) -> str:
         ax.set(xlabel="recall", ylabel="precision")
     ax.set_title(f"{q['rows']} labelled requests ({q['positives']} fraud)")
     ax.legend(loc="lower right" if kind == "roc" else "lower left")
-    return _png(fig, f"{kind} curves")
+    return png_img(fig, f"{kind} curves")
 
 
 def _thin(x: np.ndarray, y: np.ndarray, points: int = 4000) -> tuple[np.ndarray, np.ndarray]:

@@ -93,19 +93,22 @@ def read_worker_sketches(directory: Path) -> list[dict[str, Any]]:
             payload = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being replaced right now
-        if _alive(payload.get("pid", -1)):
+        if pid_alive(payload.get("pid", -1)):
             found.append(payload)
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (workers' published files outlive them)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return pid > 0
+    return True
 
 
 def merge(payloads: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], np.ndarray]:

@@ -12,9 +12,7 @@ window: the latest measures per column, training vs live distributions per colum
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -32,6 +30,7 @@ from riskwire.kernels.sketch import (
     ColumnSpec,
     SketchLayout,
 )
+from riskwire.shadow.report_html import figure, png_img
 
 from .drift import FLAGGED_COLUMN, LATEST_FILE, column_measures
 
@@ -420,7 +419,7 @@ def _distributions(c: _Context, problem: str | None) -> str:
         )
         figures.append(
             f"<figure id='{html.escape('dist-' + spec.name, quote=True)}'>"
-            f"<h3>{html.escape(title)}</h3>{_distribution_png(spec, slots[:-1])}"
+            f"<h3>{html.escape(title)}</h3>{_distributionpng_img(spec, slots[:-1])}"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     return head + "".join(figures) + "</section>"
@@ -451,7 +450,7 @@ def _categorical_bars(
     return labels, np.r_[expected[top], expected[rest].sum()], np.r_[live[top], live[rest].sum()]
 
 
-def _distribution_png(spec: ColumnSpec, present: np.ndarray) -> str:
+def _distributionpng_img(spec: ColumnSpec, present: np.ndarray) -> str:
     expected = spec.expected / spec.expected.sum() if spec.expected.sum() else spec.expected
     live = present / present.sum() if present.sum() else np.zeros_like(present)
     if spec.kind == CATEGORICAL:
@@ -459,7 +458,7 @@ def _distribution_png(spec: ColumnSpec, present: np.ndarray) -> str:
     else:
         labels = _bin_labels(spec.edges)
     x = np.arange(len(labels))
-    fig = _figure(7.0, 3.4)
+    fig = figure(7.0, 3.4)
     ax = fig.add_subplot()
     ax.bar(x - 0.2, expected, width=0.4, color="#4c72b0", label="training")
     ax.bar(x + 0.2, live, width=0.4, color="#dd8452", label="live")
@@ -468,7 +467,7 @@ def _distribution_png(spec: ColumnSpec, present: np.ndarray) -> str:
     ax.set_ylabel("fraction of non-missing values")
     ax.set_xlabel("category" if spec.kind == CATEGORICAL else "bin (training profile edges)")
     ax.legend()
-    return _png(fig, f"training vs live distribution of {spec.name}")
+    return png_img(fig, f"training vs live distribution of {spec.name}")
 
 
 def _over_time(c: _Context) -> str:
@@ -488,7 +487,7 @@ def _over_time(c: _Context) -> str:
     psi = {spec.name: values(spec.name, "psi") for spec in c.layout.columns}
     peaks = {n: np.nanmax(v) for n, v in psi.items() if np.isfinite(v).any()}
     top = sorted(peaks, key=lambda n: -peaks[n])[:OVER_TIME_COLUMNS]
-    fig = _figure(7.6, 5.4)
+    fig = figure(7.6, 5.4)
     upper, lower = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     for name in top:
         upper.plot(times, psi[name], marker="o", ms=3, lw=1.2, label=_plain(name))
@@ -508,7 +507,7 @@ def _over_time(c: _Context) -> str:
         f"{PSI_WARN:g} and {PSI_ALERT:g}) and the share of requests validation flagged."
     )
     return (
-        f"{head}{_png(fig, 'drift measures over time')}"
+        f"{head}{png_img(fig, 'drift measures over time')}"
         f"<figcaption>{html.escape(caption)}</figcaption></figure></section>"
     )
 
@@ -518,17 +517,3 @@ def _measure(values: Any, column: str, measure: str) -> float:
     column_values = values.get(column) if isinstance(values, dict) else None
     value = column_values.get(measure) if isinstance(column_values, dict) else None
     return float(value) if isinstance(value, int | float) else math.nan
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
-
-    return Figure(figsize=(width, height), dpi=96, layout="constrained")
-
-
-def _png(fig: Any, alt: str) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    fig.clear()
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{encoded}'>"
