@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from opentelemetry import trace as otel_trace
 
 from riskwire.protos import scoring_pb2, scoring_pb2_grpc
 
@@ -127,6 +128,16 @@ def to_outcome(value: Mapping[str, Any]) -> scoring_pb2.LabelledOutcome:
     )
 
 
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """W3C ``traceparent`` of the caller's current OpenTelemetry span (if any), so the
+    server's records of the call join the caller's trace."""
+    context = otel_trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return ()
+    flags = int(context.trace_flags)
+    return (("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"),)
+
+
 def _score_request(
     transaction,
     model: str,
@@ -178,7 +189,7 @@ class _Base:
         return self.timeout_s if timeout_s is None else timeout_s
 
     def _call_metadata(self, metadata: Metadata | None) -> tuple[tuple[str, str], ...]:
-        return self._metadata + tuple(metadata or ())
+        return self._metadata + tuple(metadata or ()) + trace_metadata()
 
 
 class RiskwireClient(_Base):

@@ -72,6 +72,10 @@ class Settings:
     performance_min_labels: int = 100  # fewer labelled predictions in a window: NaN
     alert_rules: str = ""  # TOML file with [[rule]] and [[route]] tables; "" = defaults
     alert_webhook: str = ""  # also POST every alert to this URL
+    # Request-level log: one JSON line per unary call, per worker file, size-rotated.
+    request_log_dir: str = ""  # "" = off; else <dir>/requests-w<worker>.jsonl
+    request_log_max_mb: int = 64
+    request_log_backups: int = 5
     # Control plane (admin API, in the supervisor). 0 = any free port (logged).
     admin_host: str = "127.0.0.1"
     admin_port: int = 50052
@@ -119,6 +123,8 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.request_log_max_mb < 1 or self.request_log_backups < 0:
+            raise SettingsError("request_log_max_mb must be >= 1 and request_log_backups >= 0")
         if not 0.0 <= self.prediction_log_rate <= 100.0 or self.performance_eval_s <= 0:
             raise SettingsError("prediction_log_rate must be in 0..100, performance_eval_s > 0")
         if self.drift_bucket_s < 1 or self.drift_publish_s <= 0 or self.drift_eval_s <= 0:

@@ -95,7 +95,7 @@ def run_worker(
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
-        server, health, state, (mirror, recorder, predictions) = _build_server(
+        server, health, state, (mirror, recorder, predictions, request_log) = _build_server(
             worker_id, settings, state_name, events
         )
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
@@ -124,6 +124,8 @@ def run_worker(
         recorder.stop()
     if predictions is not None:
         predictions.stop()
+    if request_log is not None:
+        request_log.stop()
     state.close()
     log.info("stopped")
     logging.shutdown()
@@ -164,6 +166,7 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     policy = _validation_policy(settings)
     recorder = _start_recorder(worker_id, settings, runtimes, policy)
     predictions = _start_prediction_log(worker_id, settings)
+    request_log = _start_request_log(worker_id, settings)
     dataplane = DataPlane(
         registry,
         state,
@@ -202,7 +205,25 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     serving.set()
     events.put(WorkerReady(worker_id, os.getpid(), tuple(registry.names())))
     log.info("serving %s on %s", ", ".join(r.name + " v" + r.version for r in runtimes), address)
-    return server, health_servicer, state, (mirror, recorder, predictions)
+    return server, health_servicer, state, (mirror, recorder, predictions, request_log)
+
+
+def _start_request_log(worker_id, settings):  # noqa: ANN001, ANN202
+    """This worker's request log, installed for every unary handler (None when off)."""
+    if not settings.request_log_dir:
+        return None
+    from .grpc.status import configure_request_log
+    from .request_log import RequestLog
+
+    request_log = RequestLog(
+        Path(settings.request_log_dir) / f"requests-w{worker_id}.jsonl",
+        worker=worker_id,
+        max_bytes=settings.request_log_max_mb * 1024 * 1024,
+        backups=settings.request_log_backups,
+    )
+    request_log.start()
+    configure_request_log(request_log)
+    return request_log
 
 
 def _start_prediction_log(worker_id, settings):  # noqa: ANN001, ANN202

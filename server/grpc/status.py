@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ..errors import DeadlineExpiredError, ErrorCode, InvalidInputError, ServingError, clip
+from ..request_log import RequestLog, traceparent_of
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +48,52 @@ def check_deadline(context: grpc.ServicerContext) -> None:
         raise DeadlineExpiredError("the call's deadline passed before it was processed")
 
 
+_request_log: RequestLog | None = None
+
+
+def configure_request_log(request_log: RequestLog | None) -> None:
+    """Log every unary call of this process to ``request_log`` (None: off)."""
+    global _request_log
+    _request_log = request_log
+
+
 def unary(method: Handler) -> Handler:
-    """Decorator for unary servicer methods: deadline check and error mapping."""
+    """Decorator for unary servicer methods: deadline check, error mapping and the
+    request log."""
+    name = method.__name__
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        request_log = _request_log
+        if request_log is None:
+            return _handle(method, self, request, context)
+        started, t0 = time.time(), time.perf_counter()
+        response, status = None, "OK"
         try:
-            check_deadline(context)
-            return method(self, request, context)
-        except InvalidInputError as exc:
-            abort_invalid(context, exc)
-        except ServingError as exc:
-            context.abort(GRPC_CODES[exc.code], _capped(str(exc)))
-        except Exception:  # noqa: BLE001 - nothing a client sends may crash a worker
-            log.exception("unexpected error in %s", method.__qualname__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged)")
+            response = _handle(method, self, request, context)
+            return response
+        except BaseException:
+            code = context.code()
+            status = code.name if code is not None else "UNKNOWN"
+            raise
+        finally:
+            traceparent = traceparent_of(context.invocation_metadata())
+            request_log.add(traceparent, name, status, started, time.perf_counter() - t0, response)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _handle(method: Callable[..., Any], self: Any, request: Any, context: Any) -> Any:
+    try:
+        check_deadline(context)
+        return method(self, request, context)
+    except InvalidInputError as exc:
+        abort_invalid(context, exc)
+    except ServingError as exc:
+        context.abort(GRPC_CODES[exc.code], _capped(str(exc)))
+    except Exception:  # noqa: BLE001 - nothing a client sends may crash a worker
+        log.exception("unexpected error in %s", method.__qualname__)
+        context.abort(grpc.StatusCode.INTERNAL, "internal server error (logged)")
 
 
 def abort_invalid(context: grpc.ServicerContext, exc: InvalidInputError) -> None:

@@ -1,0 +1,167 @@
+"""Request-level log: one JSON line per RPC, joined to the caller's trace.
+
+W3C trace context (``traceparent``) is read from the call's metadata, so each line
+carries the caller's trace id and our own span id (the first step of issue 7's tracing;
+the spans themselves come later). Handlers append one tuple to a deque; a background
+thread formats the lines (reading model, decision and flags from the response there)
+and writes them to a size-rotated file (``path``, ``path.1`` … ``path.<backups>``).
+No request field is logged: card ids never reach the file.
+
+    {"time": "2026-11-26T10:00:00.123Z", "trace_id": "4bf9…", "span_id": "00f0…",
+     "parent_span_id": "b7ad…", "method": "Score", "status": "OK", "latency_ms": 0.41,
+     "model": "fraud", "model_version": "3", "decision": "approve", "flags": []}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import threading
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_DECISIONS = {1: "approve", 2: "review", 3: "decline"}
+
+
+def parse_traceparent(value: str) -> tuple[str, str, bool] | None:
+    """(trace id, parent span id, sampled) of a W3C ``traceparent``; None if invalid."""
+    match = _TRACEPARENT.match(value.strip().lower())
+    if not match:
+        return None
+    version, trace_id, parent_id, flags = match.groups()
+    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return trace_id, parent_id, bool(int(flags, 16) & 1)
+
+
+def new_id(bits: int) -> str:
+    """A random non-zero id as lowercase hex (64 bits: span id, 128 bits: trace id)."""
+    return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"
+
+
+def traceparent_of(metadata: Any) -> str:
+    """The ``traceparent`` value of gRPC invocation metadata ("" when absent)."""
+    for key, value in metadata or ():
+        if key == "traceparent":
+            return value
+    return ""
+
+
+class RequestLog:
+    """Rotating JSON-lines request log, written by its own thread."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        worker: int,
+        max_bytes: int = 64 * 1024 * 1024,
+        backups: int = 5,
+        flush_s: float = 0.5,
+    ) -> None:
+        self.path = Path(path)
+        self.worker = worker
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._flush_s = flush_s
+        self._pending: deque = deque(maxlen=1_000_000)  # bounded: oldest lines go first
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(
+        self,
+        traceparent: str,
+        method: str,
+        status: str,
+        started: float,
+        latency_s: float,
+        response: Any,
+    ) -> None:
+        """Record one finished call (hot path: one tuple append)."""
+        self._pending.append((traceparent, method, status, started, latency_s, response))
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is pending and stop."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self._write()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._flush_s):
+            self._write()
+
+    def _line(self, item: tuple) -> str:
+        traceparent, method, status, started, latency_s, response = item
+        context = parse_traceparent(traceparent) if traceparent else None
+        trace_id, parent, _ = context or (new_id(128), "", False)
+        moment = datetime.fromtimestamp(started, UTC)
+        record = {
+            "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
+            "trace_id": trace_id,
+            "span_id": new_id(64),
+            "parent_span_id": parent,
+            "method": method,
+            "status": status,
+            "latency_ms": round(latency_s * 1000, 3),
+            "worker": self.worker,
+        }
+        if response is not None:
+            record |= _outcome(response)
+        return json.dumps(record, separators=(",", ":"))
+
+    def _write(self) -> None:
+        pending = self._pending
+        items = [pending.popleft() for _ in range(len(pending))]
+        if not items:
+            return
+        text = "".join(self._line(item) + "\n" for item in items)
+        try:
+            if self.path.exists() and self.path.stat().st_size + len(text) > self.max_bytes:
+                self._rotate()
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as exc:
+            log.error("request log %s: %s", self.path, exc)
+
+    def _rotate(self) -> None:
+        for index in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if self.backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+def _outcome(response: Any) -> dict[str, Any]:
+    """Model, version, decision and flags of a Scoring response (other messages: model)."""
+    out: dict[str, Any] = {}
+    for field, key in (("model_name", "model"), ("model_version", "model_version")):
+        value = getattr(response, field, "")
+        if value:
+            out[key] = value
+    decision = getattr(response, "decision", None)
+    if isinstance(decision, int) and decision in _DECISIONS:
+        out["decision"] = _DECISIONS[decision]
+    flags = getattr(response, "flags", None)
+    if flags is not None:
+        out["flags"] = list(flags)
+    results = getattr(response, "results", None)
+    if results is not None:
+        out["rows"] = len(results)
+    return out
