@@ -76,6 +76,12 @@ class Settings:
     request_log_dir: str = ""  # "" = off; else <dir>/requests-w<worker>.jsonl
     request_log_max_mb: int = 64
     request_log_backups: int = 5
+    # OpenTelemetry server spans, built off the hot path (see server/tracing.py).
+    tracing_exporter: str = ""  # "" = off | console | jsonl | otlp-grpc | otlp-http
+    tracing_endpoint: str = ""  # OTLP collector ("" = the exporter's default)
+    tracing_dir: str = ""  # jsonl: <dir>/spans-w<worker>.jsonl ("" = <models>/.traces)
+    tracing_sample_ratio: float = 0.01  # plus every error, slow call and sampled parent
+    tracing_slow_ms: float = 50.0
     # Control plane (admin API, in the supervisor). 0 = any free port (logged).
     admin_host: str = "127.0.0.1"
     admin_port: int = 50052
@@ -123,6 +129,13 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tracing_exporter not in ("", "console", "jsonl", "otlp-grpc", "otlp-http"):
+            raise SettingsError(
+                f"tracing_exporter {self.tracing_exporter!r} is not one of console, jsonl, "
+                "otlp-grpc, otlp-http (or empty for off)"
+            )
+        if not 0.0 <= self.tracing_sample_ratio <= 1.0 or self.tracing_slow_ms < 0:
+            raise SettingsError("tracing_sample_ratio must be in 0..1, tracing_slow_ms >= 0")
         if self.request_log_max_mb < 1 or self.request_log_backups < 0:
             raise SettingsError("request_log_max_mb must be >= 1 and request_log_backups >= 0")
         if not 0.0 <= self.prediction_log_rate <= 100.0 or self.performance_eval_s <= 0:

@@ -23,7 +23,10 @@ import threading
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,16 @@ class RequestLog:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
         worker: int,
         max_bytes: int = 64 * 1024 * 1024,
         backups: int = 5,
         flush_s: float = 0.5,
+        tracing: Tracing | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
+        self.tracing = tracing
         self.worker = worker
         self.max_bytes = max_bytes
         self.backups = backups
@@ -75,7 +80,8 @@ class RequestLog:
         self._pending: deque = deque(maxlen=1_000_000)  # bounded: oldest lines go first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(
         self,
@@ -99,34 +105,58 @@ class RequestLog:
         if self._thread.is_alive():
             self._thread.join(5.0)
         self._write()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     def _run(self) -> None:
         while not self._stop.wait(self._flush_s):
             self._write()
 
+    def _trace(self, item: tuple) -> None:
+        """Only the span of a call (when its sampling keeps it)."""
+        traceparent, method, status, started, latency_s, response = item
+        tracing = self.tracing
+        assert tracing is not None
+        context = parse_traceparent(traceparent) if traceparent else None
+        if tracing.keep(context, status, latency_s):
+            outcome = _outcome(response) if response is not None else {}
+            attributes = {f"riskwire.{k}": v for k, v in outcome.items()}
+            tracing.span(context, method, status, started, latency_s, attributes)
+
     def _line(self, item: tuple) -> str:
         traceparent, method, status, started, latency_s, response = item
         context = parse_traceparent(traceparent) if traceparent else None
-        trace_id, parent, _ = context or (new_id(128), "", False)
+        outcome = _outcome(response) if response is not None else {}
+        tracing = self.tracing
+        if tracing is not None and tracing.keep(context, status, latency_s):
+            attributes = {f"riskwire.{k}": v for k, v in outcome.items()}
+            span_id = tracing.span(context, method, status, started, latency_s, attributes)
+            trace_id = tracing.last_trace_id
+        else:
+            span_id = new_id(64)
+            trace_id = context[0] if context else new_id(128)
         moment = datetime.fromtimestamp(started, UTC)
         record = {
             "time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
             "trace_id": trace_id,
-            "span_id": new_id(64),
-            "parent_span_id": parent,
+            "span_id": span_id,
+            "parent_span_id": context[1] if context else "",
             "method": method,
             "status": status,
             "latency_ms": round(latency_s * 1000, 3),
             "worker": self.worker,
+            **outcome,
         }
-        if response is not None:
-            record |= _outcome(response)
         return json.dumps(record, separators=(",", ":"))
 
     def _write(self) -> None:
         pending = self._pending
         items = [pending.popleft() for _ in range(len(pending))]
         if not items:
+            return
+        if self.path is None:  # tracing only: no lines to format
+            for item in items:
+                self._trace(item)
             return
         text = "".join(self._line(item) + "\n" for item in items)
         try:

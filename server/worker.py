@@ -209,17 +209,37 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
 
 
 def _start_request_log(worker_id, settings):  # noqa: ANN001, ANN202
-    """This worker's request log, installed for every unary handler (None when off)."""
-    if not settings.request_log_dir:
+    """This worker's call recorder (request log and/or server spans), installed for
+    every unary handler; None when both are off."""
+    if not settings.request_log_dir and not settings.tracing_exporter:
         return None
     from .grpc.status import configure_request_log
     from .request_log import RequestLog
 
+    tracing = None
+    if settings.tracing_exporter:
+        from .tracing import Tracing, make_exporter
+
+        directory = Path(settings.tracing_dir or Path(settings.models) / ".traces")
+        exporter = make_exporter(
+            settings.tracing_exporter,
+            endpoint=settings.tracing_endpoint,
+            path=str(directory / f"spans-w{worker_id}.jsonl"),
+        )
+        tracing = Tracing(
+            exporter,
+            worker=worker_id,
+            address=(settings.host, settings.port),
+            sample_ratio=settings.tracing_sample_ratio,
+            slow_ms=settings.tracing_slow_ms,
+        )
+    log_dir = settings.request_log_dir
     request_log = RequestLog(
-        Path(settings.request_log_dir) / f"requests-w{worker_id}.jsonl",
+        Path(log_dir) / f"requests-w{worker_id}.jsonl" if log_dir else None,
         worker=worker_id,
         max_bytes=settings.request_log_max_mb * 1024 * 1024,
         backups=settings.request_log_backups,
+        tracing=tracing,
     )
     request_log.start()
     configure_request_log(request_log)

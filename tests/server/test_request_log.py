@@ -98,3 +98,55 @@ def test_log_rotates_by_size(tmp_path) -> None:
     for path in tmp_path.iterdir():
         assert path.stat().st_size <= 2000
         assert all(json.loads(line)["method"] == "Score" for line in path.read_text().splitlines())
+
+
+def read_spans(directory: Path) -> list[dict]:
+    spans = []
+    for path in sorted(directory.glob("spans-w*.jsonl")):
+        spans += [json.loads(line) for line in path.read_text().splitlines()]
+    return spans
+
+
+def test_server_spans_join_the_callers_trace_and_sample_by_outcome(
+    start_server, models_dir, tmp_path
+) -> None:
+    spans_dir = tmp_path / "spans"
+    server = start_server(
+        models_dir,
+        env={
+            "RISKWIRE_TRACING_EXPORTER": "jsonl",
+            "RISKWIRE_TRACING_DIR": str(spans_dir),
+            "RISKWIRE_TRACING_SAMPLE_RATIO": "0",  # only sampled parents, errors, slow calls
+            "RISKWIRE_TRACING_SLOW_MS": "10000",
+        },
+    )
+    card = f"card-{uuid.uuid4().hex}"
+    sampled = f"00-{TRACE_ID}-{PARENT}-01"
+    unsampled = f"00-{'1' * 32}-{PARENT}-00"
+    with RiskwireClient(server.target) as client:
+        client.score(tx(card), metadata=[("traceparent", sampled)])
+        for _ in range(5):
+            client.score(tx(card), metadata=[("traceparent", unsampled)])  # not kept
+            client.score(tx(card))  # no parent, ratio 0: not kept
+        with pytest.raises(grpc.RpcError):
+            client.score({**tx(card), "mcc": 12000})  # an error: always kept
+
+    deadline = time.monotonic() + 20
+    while len(read_spans(spans_dir)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # nothing else may arrive
+    spans = read_spans(spans_dir)
+    assert len(spans) == 2, spans
+    ok, error = sorted(spans, key=lambda s: s["start_time_unix_nano"])
+    assert ok["name"] == "riskwire.v1.Scoring/Score" and ok["kind"] == "SERVER"
+    assert (ok["trace_id"], ok["parent_span_id"]) == (TRACE_ID, PARENT)
+    attributes = ok["attributes"]
+    assert attributes["rpc.system"] == "grpc" and attributes["rpc.method"] == "Score"
+    assert attributes["rpc.service"] == "riskwire.v1.Scoring"
+    assert attributes["rpc.grpc.status_code"] == 0 and attributes["server.port"] == server.port
+    assert attributes["riskwire.model"] == "fraud" and "riskwire.decision" in attributes
+    assert ok["resource"]["service.name"] == "riskwire"
+    assert ok["resource"]["service.instance.id"].endswith(("-w0", "-w1"))
+    assert ok["end_time_unix_nano"] > ok["start_time_unix_nano"]
+    assert error["status"] == "ERROR" and error["attributes"]["rpc.grpc.status_code"] == 3
+    assert card not in json.dumps(spans)  # no card id in any exported attribute

@@ -1,0 +1,385 @@
+"""What tracing costs: serving RPS and p99 with tracing off, default sampling, 100% sampling.
+
+Server spans are built by the request-log thread off the hot path (``server/tracing.py``);
+the settings are start-up settings of ``riskwire serve`` (``RISKWIRE_TRACING_*``), so
+each measurement gets its own server, in three modes:
+
+* ``off``: ``RISKWIRE_TRACING_EXPORTER=""`` (no recorder at all);
+* ``default``: the ``jsonl`` exporter at the default sampling (``tracing_sample_ratio``,
+  plus every error, slow call and sampled parent);
+* ``full``: the ``jsonl`` exporter with ``RISKWIRE_TRACING_SAMPLE_RATIO=1.0`` (every call).
+
+In rounds, the order rotated per round (off, default, full; then default, full, off; …)
+so drift on the machine hits all three alike. Every server has ``--workers`` workers,
+the ``test`` profile, its own free data and admin ports, a fresh card-state snapshot, a
+mirror of the models directory (symlinks) and its own span directory, all in the output
+directory. On each, h2load sends unary ``Score`` at ``--concurrency`` connections, as fast
+as answered (RPS, p50, p99). After each run the jsonl span files are counted: after
+``full`` the ``Score`` spans started inside the measured window must match the requests
+h2load sent in it (every call traced); after ``off`` there must be no span file.
+
+Costs are medians over rounds of ``1 - rps(mode)/rps(off)`` and ``p99(mode)/p99(off) - 1``.
+Targets: default sampling <= 5% throughput cost, 100% sampling <= 20%.
+
+    python perf/bench_tracing.py [--models DIR] [--workers N] [--duration S]
+        [--concurrency C] [--rounds R] [--smoke] [--json] [--out DIR]
+
+With ``--json`` the last line printed is one JSON object holding at least
+``throughput_cost_default`` and ``throughput_cost_full`` (fractions), ``p99_cost_default``,
+``p99_cost_full``, ``requests_full`` and ``spans_full``. Exit status 1 when a request
+failed or a span check did not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make ``perf`` importable
+    sys.path.insert(0, str(REPO))
+
+from perf import loadgen  # noqa: E402
+from perf.bench_serving import after_run, ensure_models, h2load_point  # noqa: E402
+from perf.bench_validation import mirror_models  # noqa: E402
+from perf.loadgen import SCORE  # noqa: E402
+
+# RISKWIRE_TRACING_EXPORTER, RISKWIRE_TRACING_SAMPLE_RATIO (None: the default) per mode
+MODES: dict[str, tuple[str, str | None]] = {
+    "off": ("", None),
+    "default": ("jsonl", None),
+    "full": ("jsonl", "1.0"),
+}
+TARGETS = {"throughput_cost_default_max": 0.05, "throughput_cost_full_max": 0.20}
+COVERAGE_MIN = 0.99  # full: Score spans in the measured window / requests h2load sent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=Path, default=None, help="models dir (default: demo)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
+    parser.add_argument("--concurrency", type=int, default=8, help="h2load connections")
+    parser.add_argument("--rounds", type=int, default=3, help="off/default/full rounds")
+    parser.add_argument("--smoke", action="store_true", help="1 round of 1 s runs (CI)")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument("--out", type=Path, default=None, help="keep logs and results here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.duration, args.warmup, args.rounds = 1.0, 0.5, 1
+    args.keep_logs = True  # the request log is read here (requests and measured window)
+    return args
+
+
+def trace_dir(out: Path, tag: str) -> Path:
+    """Where the server of run ``tag`` writes its span files."""
+    return out / "traces" / tag
+
+
+def server_process(
+    mode: str, round_index: int, models: Path, args: argparse.Namespace, out: Path
+) -> loadgen.ServerProcess:
+    """One riskwire server with tracing ``mode`` (not started)."""
+    port, admin_port = loadgen.free_port(), loadgen.free_port()
+    tag = f"{mode}-r{round_index + 1}"
+    command = [sys.executable, "-m", "riskwire.clients.cli", "serve", "--models", str(models)]
+    command += ["--port", str(port), "--workers", str(args.workers), "--profile", "test"]
+    exporter, ratio = MODES[mode]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RISKWIRE_TRACING_")}
+    env |= {
+        "RISKWIRE_TRACING_EXPORTER": exporter,
+        "RISKWIRE_TRACING_DIR": str(trace_dir(out, tag)),
+        "RISKWIRE_STATE_SNAPSHOT": str(out / "state" / f"cards-{tag}.snapshot"),  # fresh
+        "RISKWIRE_ADMIN_PORT": str(admin_port),
+        "RISKWIRE_SHADOW_DIR": str(out / "shadow"),
+    }
+    if ratio is not None:
+        env["RISKWIRE_TRACING_SAMPLE_RATIO"] = ratio
+    return loadgen.ServerProcess(
+        mode, command, f"127.0.0.1:{port}", out / f"riskwire-{tag}.log", env
+    )
+
+
+def read_requests(log_file: Path) -> tuple[int, tuple[int, int] | None]:
+    """(requests, measured window in epoch ns) from an h2load ``--log-file``.
+
+    Each line is ``start_us <TAB> status <TAB> response_time_us`` (start since the epoch);
+    the window runs from the first start to the last end.
+    """
+    count, first, last = 0, None, None
+    text = log_file.read_text() if log_file.exists() else ""
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        start, took = int(parts[0]), int(parts[2])
+        count += 1
+        first = start if first is None else min(first, start)
+        last = start + took if last is None else max(last, start + took)
+    if first is None or last is None:
+        return count, None
+    return count, (first * 1000, last * 1000)
+
+
+def count_spans(directory: Path, window: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(span files, spans, ``Score`` spans started inside ``window``) under ``directory``."""
+    files = sorted(directory.glob("spans-*.jsonl")) if directory.is_dir() else []
+    spans = in_window = 0
+    for path in files:
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            spans += 1
+            span = json.loads(line)
+            if window is None or span.get("attributes", {}).get("rpc.method") != "Score":
+                continue
+            if window[0] <= span.get("start_time_unix_nano", -1) <= window[1]:
+                in_window += 1
+    return len(files), spans, in_window
+
+
+def measure(
+    h2load: str,
+    mode: str,
+    round_index: int,
+    models: Path,
+    bodies: loadgen.Bodies,
+    args: argparse.Namespace,
+    out: Path,
+) -> tuple:
+    """Start a server in ``mode``, measure unary Score, stop it, count its spans.
+
+    Returns the h2load point and the span record of the run.
+    """
+    server = server_process(mode, round_index, models, args, out)
+    server.start()
+    try:
+        port = server.target.rsplit(":", 1)[1]
+        server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
+        point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
+        point.repeat = round_index
+        after_run(server, SCORE, bodies, point)
+    finally:
+        server.stop()  # the workers flush their span processors on SIGTERM
+    tag = f"{mode}-r{round_index + 1}"
+    log_file = out / f"h2load-{mode}-Score-c{args.concurrency}.log"
+    requests, window = read_requests(log_file)
+    if args.out:
+        log_file.replace(out / f"h2load-{tag}-Score-c{args.concurrency}.log")
+    else:
+        log_file.unlink(missing_ok=True)
+    files, spans, in_window = count_spans(trace_dir(out, tag), window)
+    stray, stray_spans, _ = count_spans(models / ".traces", None)  # the default span dir
+    record = {
+        "requests": requests,
+        "span_files": files + stray,
+        "spans": spans + stray_spans,
+        "spans_measured": in_window,
+    }
+    print(
+        f"round {round_index + 1} tracing {mode:>7}: Score {point.rps or 0:,.0f} rps, "
+        f"p50 {point.p50_ms or 0:.2f} ms, p99 {point.p99_ms or 0:.2f} ms; "
+        f"{requests:,} requests, {spans + stray_spans:,} spans ({in_window:,} in the measured "
+        f"window); errors {point.errors}",
+        flush=True,
+    )
+    return point, record
+
+
+def run(args: argparse.Namespace, out: Path) -> dict:
+    """Measure the three modes in rotated rounds; returns the summary."""
+    h2load = loadgen.find_tool("h2load")
+    if h2load is None:
+        raise SystemExit("bench_tracing: h2load not found (apt-get install nghttp2-client)")
+    models = mirror_models(ensure_models(args.models), out)
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    bodies = loadgen.prepare_bodies(out, batch_rows=1)
+    points: dict[str, list] = {mode: [] for mode in MODES}
+    records: dict[str, list] = {mode: [] for mode in MODES}
+    names = list(MODES)
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)
+        for mode in names[shift:] + names[:shift]:
+            point, record = measure(h2load, mode, round_index, models, bodies, args, out)
+            points[mode].append(point)
+            records[mode].append(record)
+    return summarise(points, records, args)
+
+
+def _costs(points: dict[str, list], mode: str, field: str) -> list[float]:
+    """Per round: ``1 - mode/off`` for throughput, ``mode/off - 1`` for latency."""
+    costs = []
+    for base, point in zip(points["off"], points[mode], strict=True):
+        ours, theirs = getattr(point, field), getattr(base, field)
+        if ours and theirs:
+            costs.append(ours / theirs - 1 if field.endswith("_ms") else 1 - ours / theirs)
+    return costs
+
+
+def _median(values: list[float | None]) -> float | None:
+    """Median of the values present (None and 0 are missing measurements)."""
+    present = [v for v in values if v]
+    return statistics.median(present) if present else None
+
+
+def _median_cost(values: list[float]) -> float | None:
+    """Median keeping zeros and negatives (a cost may be <= 0)."""
+    return statistics.median(values) if values else None
+
+
+def span_problems(records: dict[str, list]) -> list[str]:
+    """What the span files say went wrong: spans when off, untraced calls when full."""
+    problems = []
+    for index, record in enumerate(records["off"]):
+        if record["span_files"]:
+            problems.append(f"off round {index + 1}: {record['span_files']} span file(s)")
+    for index, record in enumerate(records["full"]):
+        if not record["spans"]:
+            problems.append(f"full round {index + 1}: no spans")
+        elif record["requests"] and record["spans_measured"] < COVERAGE_MIN * record["requests"]:
+            problems.append(
+                f"full round {index + 1}: {record['spans_measured']:,} Score spans in the "
+                f"measured window for {record['requests']:,} requests"
+            )
+    return problems
+
+
+def summarise(points: dict[str, list], records: dict[str, list], args: argparse.Namespace) -> dict:
+    """Medians per mode, costs per round and their medians, span counts, the config."""
+    from riskwire.server.config import Settings
+
+    by_mode = {
+        mode: {
+            "rps": _median([p.rps for p in points[mode]]),
+            "p50_ms": _median([p.p50_ms for p in points[mode]]),
+            "p99_ms": _median([p.p99_ms for p in points[mode]]),
+            "errors": sum(p.errors for p in points[mode]),
+            "requests": sum(r["requests"] for r in records[mode]),
+            "spans": sum(r["spans"] for r in records[mode]),
+            "spans_measured": sum(r["spans_measured"] for r in records[mode]),
+            "span_files": sum(r["span_files"] for r in records[mode]),
+        }
+        for mode in MODES
+    }
+    per_round = {
+        f"{kind}_cost_{mode}": _costs(points, mode, field)
+        for mode in ("default", "full")
+        for kind, field in (("throughput", "rps"), ("p99", "p99_ms"))
+    }
+    medians = {key: _median_cost(values) for key, values in per_round.items()}
+    full, default = by_mode["full"], by_mode["default"]
+    problems = span_problems(records)
+
+    def within(key: str) -> bool | None:
+        cost = medians[key]
+        return None if cost is None else cost <= TARGETS[f"{key}_max"]
+
+    settings = Settings()
+    return {
+        **medians,
+        "per_round": per_round,
+        "by_mode": by_mode,
+        "requests_full": full["requests"],
+        "spans_full": full["spans"],
+        "spans_full_measured": full["spans_measured"],
+        "trace_coverage_full": (
+            full["spans_measured"] / full["requests"] if full["requests"] else None
+        ),
+        "spans_default": default["spans"],
+        "sampled_fraction_default": (
+            default["spans_measured"] / default["requests"] if default["requests"] else None
+        ),
+        "span_files_off": by_mode["off"]["span_files"],
+        "per_run": records,
+        "errors": sum(row["errors"] for row in by_mode.values()),
+        "problems": problems,
+        "targets": TARGETS,
+        "meets_targets": {
+            "default": within("throughput_cost_default"),
+            "full": within("throughput_cost_full"),
+        },
+        "config": {
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "rounds": args.rounds,
+            "profile": "test",
+            "modes": {
+                "off": "RISKWIRE_TRACING_EXPORTER=''",
+                "default": "exporter jsonl, sample ratio "
+                f"{settings.tracing_sample_ratio} (default), slow_ms {settings.tracing_slow_ms}",
+                "full": f"exporter jsonl, sample ratio 1.0, slow_ms {settings.tracing_slow_ms}",
+            },
+            "default_sample_ratio": settings.tracing_sample_ratio,
+            "tool": "h2load unary Score",
+            "machine": loadgen.machine_info(args.workers, settings.threads_per_worker),
+        },
+    }
+
+
+def print_report(summary: dict) -> None:
+    """The table, the costs against the targets and the span checks."""
+
+    def num(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.1%}"
+
+    print(
+        f"\n{'tracing':>8} {'Score rps':>10} {'p50 ms':>7} {'p99 ms':>7} {'requests':>9} "
+        f"{'spans':>8} {'errors':>7}"
+    )
+    for mode, row in summary["by_mode"].items():
+        print(
+            f"{mode:>8} {num(row['rps'], ',.0f'):>10} {num(row['p50_ms'], '.2f'):>7} "
+            f"{num(row['p99_ms'], '.2f'):>7} {row['requests']:>9,} {row['spans']:>8,} "
+            f"{row['errors']:>7}"
+        )
+    rounds = len(summary["per_round"]["throughput_cost_full"])
+    print(f"\ncost vs tracing off (median of {rounds} rounds; requests and spans summed):")
+    for mode in ("default", "full"):
+        key = f"throughput_cost_{mode}"
+        per_round = ", ".join(pct(c) for c in summary["per_round"][key])
+        verdict = {True: "ok", False: "MISSED", None: "-"}[summary["meets_targets"][mode]]
+        print(
+            f"  {mode:>7} sampling: throughput {pct(summary[key])} (target <= "
+            f"{TARGETS[key + '_max']:.0%}: {verdict}; per round {per_round}), "
+            f"p99 {pct(summary[f'p99_cost_{mode}'])}"
+        )
+    coverage, sampled = summary["trace_coverage_full"], summary["sampled_fraction_default"]
+    print(
+        f"spans: full {summary['spans_full']:,} in all, {summary['spans_full_measured']:,} "
+        f"Score spans for {summary['requests_full']:,} measured requests "
+        f"(coverage {num(coverage, '.2%')}); default sampled {num(sampled, '.2%')} of the "
+        f"measured requests; off {summary['span_files_off']} span files"
+    )
+    for problem in summary["problems"]:
+        print(f"PROBLEM: {problem}")
+    print(f"request errors {summary['errors']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns 1 when a request failed or a span check did not hold."""
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-tracing-") as scratch:
+        out = args.out or Path(scratch)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = run(args, out)
+        if args.out:
+            loadgen.write_json(out / "bench_tracing.json", summary)
+    print_report(summary)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True, default=str))
+    return 1 if summary["errors"] or summary["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
