@@ -24,11 +24,9 @@ With ``--json`` the last line printed is one JSON object holding at least
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -89,9 +87,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     from riskwire.clients.admin import AdminClient
     from riskwire.pipeline.package import list_versions
 
-    h2load = loadgen.find_tool("h2load")
-    if h2load is None:
-        raise SystemExit("bench_shadow: h2load not found (apt-get install nghttp2-client)")
+    h2load = loadgen.require_h2load("bench_shadow")
     models = ensure_models(args.models)
     version = str(list_versions(models, "fraud")[-1])
     bodies = loadgen.prepare_bodies(out, batch_rows=1)
@@ -239,16 +235,7 @@ def print_report(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-shadow-") as scratch:
-        out = args.out or Path(scratch)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = run(args, out)
-        if args.out:
-            loadgen.write_json(out / "bench_shadow.json", summary)
-    print_report(summary)
-    if args.json:
-        print(json.dumps(summary, sort_keys=True, default=str))
+    summary = loadgen.run_bench("bench_shadow", parse_args(argv), run, print_report)
     return 1 if summary["errors"] else 0
 
 

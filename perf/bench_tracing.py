@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,9 +193,7 @@ def measure(
 
 def run(args: argparse.Namespace, out: Path) -> dict:
     """Measure the three modes in rotated rounds; returns the summary."""
-    h2load = loadgen.find_tool("h2load")
-    if h2load is None:
-        raise SystemExit("bench_tracing: h2load not found (apt-get install nghttp2-client)")
+    h2load = loadgen.require_h2load("bench_tracing")
     models = mirror_models(ensure_models(args.models), out)
     (out / "state").mkdir(parents=True, exist_ok=True)
     bodies = loadgen.prepare_bodies(out, batch_rows=1)
@@ -368,16 +365,7 @@ def print_report(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns 1 when a request failed or a span check did not hold."""
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-tracing-") as scratch:
-        out = args.out or Path(scratch)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = run(args, out)
-        if args.out:
-            loadgen.write_json(out / "bench_tracing.json", summary)
-    print_report(summary)
-    if args.json:
-        print(json.dumps(summary, sort_keys=True, default=str))
+    summary = loadgen.run_bench("bench_tracing", parse_args(argv), run, print_report)
     return 1 if summary["errors"] or summary["problems"] else 0
 
 

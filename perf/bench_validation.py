@@ -26,11 +26,9 @@ With ``--json`` the last line printed is one JSON object holding at least
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,9 +135,7 @@ def measure(
 
 def run(args: argparse.Namespace, out: Path) -> dict:
     """Measure both modes in alternating rounds; returns the summary."""
-    h2load = loadgen.find_tool("h2load")
-    if h2load is None:
-        raise SystemExit("bench_validation: h2load not found (apt-get install nghttp2-client)")
+    h2load = loadgen.require_h2load("bench_validation")
     models = mirror_models(ensure_models(args.models), out)
     (out / "state").mkdir(parents=True, exist_ok=True)
     bodies = loadgen.prepare_bodies(out, batch_rows=args.batch_rows)
@@ -249,16 +245,7 @@ def print_report(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns 1 when any request failed."""
-    args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-validation-") as scratch:
-        out = args.out or Path(scratch)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = run(args, out)
-        if args.out:
-            loadgen.write_json(out / "bench_validation.json", summary)
-    print_report(summary)
-    if args.json:
-        print(json.dumps(summary, sort_keys=True, default=str))
+    summary = loadgen.run_bench("bench_validation", parse_args(argv), run, print_report)
     return 1 if summary["errors"] else 0
 
 

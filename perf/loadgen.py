@@ -26,7 +26,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -469,3 +469,34 @@ def write_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def require_h2load(script: str) -> str:
+    """The h2load binary, or exit with how to install it."""
+    h2load = find_tool("h2load")
+    if h2load is None:
+        raise SystemExit(f"{script}: h2load not found (apt-get install nghttp2-client)")
+    return h2load
+
+
+def run_bench(
+    name: str,
+    args: Any,
+    run: Callable[[Any, Path], dict],
+    print_report: Callable[[dict], None],
+) -> dict:
+    """The shared ending of the side-by-side benchmarks: run in ``args.out`` (kept, with
+    ``<name>.json``) or a scratch folder, print the report and, with ``args.json``, the
+    summary as the last line."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"{name.replace('_', '-')}-") as scratch:
+        out = args.out or Path(scratch)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = run(args, out)
+        if args.out:
+            write_json(out / f"{name}.json", summary)
+    print_report(summary)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True, default=str))
+    return summary
