@@ -9,6 +9,8 @@ import grpc
 
 from riskwire.protos import admin_pb2, admin_pb2_grpc
 
+from .client import auth_metadata
+
 DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
 _CONFIG_FIELDS = (
     "enabled", "primary", "model", "version", "endpoint", "rate_percent", "filter",
@@ -28,8 +30,19 @@ def config_dict(message: admin_pb2.ShadowConfig) -> dict[str, Any]:
 class AdminClient:
     """Shadow configuration and status of a running server."""
 
-    def __init__(self, target: str = DEFAULT_ADMIN_TARGET, *, timeout_s: float = 5.0) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_ADMIN_TARGET,
+        *,
+        timeout_s: float = 5.0,
+        api_key: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target)
+        else:
+            self.channel = grpc.secure_channel(target, credentials)
+        self.channel = grpc.intercept_channel(self.channel, *_metadata_interceptors(api_key))
         self._stub = admin_pb2_grpc.AdminStub(self.channel)
         self.timeout_s = timeout_s
 
@@ -99,3 +112,21 @@ class AdminClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _AddMetadata(grpc.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (the API key) to every call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+        details = client_call_details._replace(
+            metadata=tuple(client_call_details.metadata or ()) + self.metadata
+        )
+        return continuation(details, request)
+
+
+def _metadata_interceptors(api_key: str) -> list[grpc.UnaryUnaryClientInterceptor]:
+    metadata = auth_metadata(api_key)
+    return [_AddMetadata(metadata)] if metadata else []

@@ -13,8 +13,10 @@ different status); metadata passthrough on every call.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -179,10 +181,11 @@ class _Base:
         max_attempts: int,
         metadata: Metadata,
         max_message_bytes: int,
+        api_key: str = "",
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._metadata = tuple(metadata)
+        self._metadata = tuple(metadata) + auth_metadata(api_key)
         self._options = channel_options(max_attempts, max_message_bytes)
 
     def _timeout(self, timeout_s: float | None) -> float:
@@ -190,6 +193,30 @@ class _Base:
 
     def _call_metadata(self, metadata: Metadata | None) -> tuple[tuple[str, str], ...]:
         return self._metadata + tuple(metadata or ()) + trace_metadata()
+
+
+def auth_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    """The ``authorization`` metadata carrying an API key (empty without one)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def tls_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: ``ca`` to trust (default: system roots),
+    ``cert``/``key`` to present a client certificate (mutual TLS)."""
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
+def connection_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``api_key`` and ``credentials`` from RISKWIRE_API_KEY and RISKWIRE_TLS_CA /
+    RISKWIRE_TLS_CERT / RISKWIRE_TLS_KEY (TLS when any is set), for the CLI."""
+    environ = os.environ if environ is None else environ
+    ca, cert, key = (environ.get(f"RISKWIRE_TLS_{n}", "") for n in ("CA", "CERT", "KEY"))
+    credentials = tls_credentials(ca, cert, key) if ca or cert else None
+    return {"api_key": environ.get("RISKWIRE_API_KEY", ""), "credentials": credentials}
 
 
 class RiskwireClient(_Base):
@@ -204,6 +231,7 @@ class RiskwireClient(_Base):
         metadata: Metadata = (),
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 16 * 1024 * 1024,
+        api_key: str = "",
     ) -> None:
         super().__init__(
             target,
@@ -211,6 +239,7 @@ class RiskwireClient(_Base):
             max_attempts=max_attempts,
             metadata=metadata,
             max_message_bytes=max_message_bytes,
+            api_key=api_key,
         )
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=self._options)
@@ -307,6 +336,7 @@ class AsyncRiskwireClient(_Base):
         metadata: Metadata = (),
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 16 * 1024 * 1024,
+        api_key: str = "",
     ) -> None:
         super().__init__(
             target,
@@ -314,6 +344,7 @@ class AsyncRiskwireClient(_Base):
             max_attempts=max_attempts,
             metadata=metadata,
             max_message_bytes=max_message_bytes,
+            api_key=api_key,
         )
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options=self._options)

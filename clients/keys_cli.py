@@ -88,15 +88,34 @@ def _env_note() -> None:
         )
 
 
+def _audit(args: argparse.Namespace, action: str, arguments: dict[str, Any], result: str) -> None:
+    """Append a key change to the audit log (the caller is the local OS user)."""
+    import getpass
+    import socket
+
+    from riskwire.server.audit import AuditLog
+
+    from .audit_cli import audit_log_path
+
+    client = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        AuditLog(audit_log_path(None, args.models)).append(client, action, arguments, result)
+    except OSError as exc:
+        print(f"riskwire: warning: audit log not written: {exc}", file=sys.stderr)
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     """Create a key, print it once."""
     from riskwire.server.auth import AuthError, create_key
 
     path = key_file(args)
+    arguments = {"client": args.client, "roles": args.roles, "file": str(path)}
     try:
         key = create_key(path, args.client, args.roles)
     except (AuthError, OSError) as exc:
+        _audit(args, "keys.create", arguments, f"error: {exc}")
         return _error(str(exc))
+    _audit(args, "keys.create", {**arguments, "key_id": key.split("_")[1]}, "ok")
     print(key)
     print(
         f"created key {key.split('_')[1]} for client {args.client!r} in {path}; "
@@ -153,10 +172,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     path = key_file(args)
     by_client = args.client is not None
+    arguments = {"client": args.client, "key_id": args.key_id, "file": str(path)}
     try:
         revoked = revoke_key(path, args.client if by_client else args.key_id, client=by_client)
     except (AuthError, OSError) as exc:
+        _audit(args, "keys.revoke", arguments, f"error: {exc}")
         return _error(str(exc))
+    _audit(args, "keys.revoke", {**arguments, "revoked": revoked}, "ok")
     what = f"client {args.client!r}" if by_client else f"key {args.key_id}"
     if revoked:
         print(f"revoked {', '.join(revoked)} ({what}) in {path}")

@@ -55,9 +55,9 @@ def _scorer(args: argparse.Namespace):  # noqa: ANN202 - RiskwireClient | LocalS
         from .local import LocalScorer
 
         return LocalScorer(models_dir(args.models), args.model or "fraud")
-    from .client import RiskwireClient
+    from .client import RiskwireClient, connection_from_env
 
-    return RiskwireClient(args.target, timeout_s=args.timeout)
+    return RiskwireClient(args.target, timeout_s=args.timeout, **connection_from_env())
 
 
 def cmd_score(args: argparse.Namespace) -> int:

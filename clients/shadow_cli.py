@@ -94,8 +94,9 @@ def _admin_call(args: argparse.Namespace, call: Any) -> Any:  # noqa: ANN401
     import grpc
 
     from .admin import AdminClient
+    from .client import connection_from_env
 
-    with AdminClient(args.admin) as admin:
+    with AdminClient(args.admin, **connection_from_env()) as admin:
         try:
             return call(admin)
         except grpc.RpcError as exc:
@@ -178,11 +179,11 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
     from riskwire.pipeline.data import read_table
 
-    from .client import RiskwireClient
+    from .client import RiskwireClient, connection_from_env
 
     rows = read_table(args.file).to_pylist()
     stored = 0
-    with RiskwireClient(args.target, timeout_s=30.0) as client:
+    with RiskwireClient(args.target, timeout_s=30.0, **connection_from_env()) as client:
         for start in range(0, len(rows), args.chunk):
             try:
                 stored += client.feedback(rows[start : start + args.chunk])

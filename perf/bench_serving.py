@@ -140,7 +140,9 @@ def server_processes(
         **os.environ,
         "RISKWIRE_THREADS_PER_WORKER": str(args.threads),
         "RISKWIRE_STATE_SNAPSHOT": str(state / "cards.snapshot"),  # fresh; models untouched
-        "RISKWIRE_ADMIN_PORT": "0",  # any free port: never clash with a running server
+        # Any free ports: never clash with a running server.
+        "RISKWIRE_ADMIN_PORT": "0",
+        "RISKWIRE_METRICS_PORT": "0",
     }
     return {
         name: loadgen.ServerProcess(

@@ -43,27 +43,14 @@ TARGETS = {"throughput_cost_full_max": 0.15, "p99_cost_full_max": 0.10}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", type=Path, default=None, help="models dir (default: demo)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3, help="off/10%%/100%% rounds")
+    parser = loadgen.round_arguments(__doc__.split("\n")[0], "off/10%%/100%% rounds")
     parser.add_argument(
         "--load-fraction",
         type=float,
         default=0.6,
         help="fixed-rate runs at this fraction of the shadow-off saturated throughput",
     )
-    parser.add_argument("--smoke", action="store_true", help="1 round of 1 s runs (CI)")
-    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
-    parser.add_argument("--out", type=Path, default=None, help="keep logs and results here")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.duration, args.warmup, args.rounds = 1.0, 0.5, 1
-    args.keep_logs = False
-    return args
+    return loadgen.parse_round_arguments(parser, argv, keep_logs=False)
 
 
 def set_rate(admin, version: str, rate: float | None) -> dict:  # noqa: ANN001
@@ -98,6 +85,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         **os.environ,
         "RISKWIRE_STATE_SNAPSHOT": str(out / "cards.snapshot"),
         "RISKWIRE_ADMIN_PORT": str(admin_port),
+        "RISKWIRE_METRICS_PORT": "0",
         "RISKWIRE_SHADOW_DIR": str(out / "shadow"),
         "RISKWIRE_SHADOW_FLUSH_SECONDS": "5",  # the production default, not the test profile's
     }

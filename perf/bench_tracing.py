@@ -2,15 +2,18 @@
 
 Server spans are built by the request-log thread off the hot path (``server/tracing.py``);
 the settings are start-up settings of ``riskwire serve`` (``RISKWIRE_TRACING_*``), so
-each measurement gets its own server, in three modes:
+each measurement gets its own server, in four modes:
 
-* ``off``: ``RISKWIRE_TRACING_EXPORTER=""`` (no recorder at all);
+* ``bare``: tracing and metrics off (no call recorder at all): the base of the metrics
+  cost ``throughput_cost_metrics`` = ``1 - rps(off)/rps(bare)``;
+* ``off``: ``RISKWIRE_TRACING_EXPORTER=""`` (metrics on, as by default): the base of the
+  tracing costs;
 * ``default``: the ``jsonl`` exporter at the default sampling (``tracing_sample_ratio``,
   plus every error, slow call and sampled parent);
 * ``full``: the ``jsonl`` exporter with ``RISKWIRE_TRACING_SAMPLE_RATIO=1.0`` (every call).
 
-In rounds, the order rotated per round (off, default, full; then default, full, off; …)
-so drift on the machine hits all three alike. Every server has ``--workers`` workers,
+In rounds, the order rotated per round (bare, off, default, full; then off, default,
+full, bare; …) so drift on the machine hits all four alike. Every server has ``--workers`` workers,
 the ``test`` profile, its own free data and admin ports, a fresh card-state snapshot, a
 mirror of the models directory (symlinks) and its own span directory, all in the output
 directory. On each, h2load sends unary ``Score`` at ``--concurrency`` connections, as fast
@@ -50,6 +53,7 @@ from perf.loadgen import SCORE  # noqa: E402
 
 # RISKWIRE_TRACING_EXPORTER, RISKWIRE_TRACING_SAMPLE_RATIO (None: the default) per mode
 MODES: dict[str, tuple[str, str | None]] = {
+    "bare": ("", None),  # also metrics off: no call recorder at all
     "off": ("", None),
     "default": ("jsonl", None),
     "full": ("jsonl", "1.0"),
@@ -59,21 +63,9 @@ COVERAGE_MIN = 0.99  # full: Score spans in the measured window / requests h2loa
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", type=Path, default=None, help="models dir (default: demo)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
-    parser.add_argument("--concurrency", type=int, default=8, help="h2load connections")
-    parser.add_argument("--rounds", type=int, default=3, help="off/default/full rounds")
-    parser.add_argument("--smoke", action="store_true", help="1 round of 1 s runs (CI)")
-    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
-    parser.add_argument("--out", type=Path, default=None, help="keep logs and results here")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.duration, args.warmup, args.rounds = 1.0, 0.5, 1
-    args.keep_logs = True  # the request log is read here (requests and measured window)
-    return args
+    parser = loadgen.round_arguments(__doc__.split("\n")[0], "bare/off/default/full rounds")
+    # keep_logs: h2load's request log is read here (requests and the measured window)
+    return loadgen.parse_round_arguments(parser, argv, keep_logs=True)
 
 
 def trace_dir(out: Path, tag: str) -> Path:
@@ -96,10 +88,12 @@ def server_process(
         "RISKWIRE_TRACING_DIR": str(trace_dir(out, tag)),
         "RISKWIRE_STATE_SNAPSHOT": str(out / "state" / f"cards-{tag}.snapshot"),  # fresh
         "RISKWIRE_ADMIN_PORT": str(admin_port),
+        "RISKWIRE_METRICS_PORT": "0",
         "RISKWIRE_SHADOW_DIR": str(out / "shadow"),
     }
     if ratio is not None:
         env["RISKWIRE_TRACING_SAMPLE_RATIO"] = ratio
+    env["RISKWIRE_METRICS"] = "false" if mode == "bare" else "true"
     return loadgen.ServerProcess(
         mode, command, f"127.0.0.1:{port}", out / f"riskwire-{tag}.log", env
     )
@@ -192,7 +186,7 @@ def measure(
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
-    """Measure the three modes in rotated rounds; returns the summary."""
+    """Measure the four modes in rotated rounds; returns the summary."""
     h2load = loadgen.require_h2load("bench_tracing")
     models = mirror_models(ensure_models(args.models), out)
     (out / "state").mkdir(parents=True, exist_ok=True)
@@ -209,11 +203,11 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     return summarise(points, records, args)
 
 
-def _costs(points: dict[str, list], mode: str, field: str) -> list[float]:
-    """Per round: ``1 - mode/off`` for throughput, ``mode/off - 1`` for latency."""
+def _costs(points: dict[str, list], mode: str, field: str, base: str = "off") -> list[float]:
+    """Per round: ``1 - mode/base`` for throughput, ``mode/base - 1`` for latency."""
     costs = []
-    for base, point in zip(points["off"], points[mode], strict=True):
-        ours, theirs = getattr(point, field), getattr(base, field)
+    for reference, point in zip(points[base], points[mode], strict=True):
+        ours, theirs = getattr(point, field), getattr(reference, field)
         if ours and theirs:
             costs.append(ours / theirs - 1 if field.endswith("_ms") else 1 - ours / theirs)
     return costs
@@ -269,6 +263,7 @@ def summarise(points: dict[str, list], records: dict[str, list], args: argparse.
         for mode in ("default", "full")
         for kind, field in (("throughput", "rps"), ("p99", "p99_ms"))
     }
+    per_round["throughput_cost_metrics"] = _costs(points, "off", "rps", base="bare")
     medians = {key: _median_cost(values) for key, values in per_round.items()}
     full, default = by_mode["full"], by_mode["default"]
     problems = span_problems(records)
@@ -309,7 +304,8 @@ def summarise(points: dict[str, list], records: dict[str, list], args: argparse.
             "rounds": args.rounds,
             "profile": "test",
             "modes": {
-                "off": "RISKWIRE_TRACING_EXPORTER=''",
+                "bare": "RISKWIRE_TRACING_EXPORTER='' RISKWIRE_METRICS=false",
+                "off": "RISKWIRE_TRACING_EXPORTER='' (metrics on, the default)",
                 "default": "exporter jsonl, sample ratio "
                 f"{settings.tracing_sample_ratio} (default), slow_ms {settings.tracing_slow_ms}",
                 "full": f"exporter jsonl, sample ratio 1.0, slow_ms {settings.tracing_slow_ms}",
@@ -351,6 +347,7 @@ def print_report(summary: dict) -> None:
             f"{TARGETS[key + '_max']:.0%}: {verdict}; per round {per_round}), "
             f"p99 {pct(summary[f'p99_cost_{mode}'])}"
         )
+    print(f"  metrics (off vs bare): throughput {pct(summary['throughput_cost_metrics'])}")
     coverage, sampled = summary["trace_coverage_full"], summary["sampled_fraction_default"]
     print(
         f"spans: full {summary['spans_full']:,} in all, {summary['spans_full_measured']:,} "

@@ -44,22 +44,9 @@ TARGETS = {"throughput_cost_max": 0.05}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", type=Path, default=None, help="models dir (default: demo)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
-    parser.add_argument("--concurrency", type=int, default=8, help="h2load connections")
+    parser = loadgen.round_arguments(__doc__.split("\n")[0], "off/on rounds")
     parser.add_argument("--batch-rows", type=int, default=256, help="rows per ScoreBatch")
-    parser.add_argument("--rounds", type=int, default=3, help="off/on rounds")
-    parser.add_argument("--smoke", action="store_true", help="1 round of 1 s runs (CI)")
-    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
-    parser.add_argument("--out", type=Path, default=None, help="keep logs and results here")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.duration, args.warmup, args.rounds = 1.0, 0.5, 1
-    args.keep_logs = False
-    return args
+    return loadgen.parse_round_arguments(parser, argv, keep_logs=False)
 
 
 def mirror_models(models: Path, out: Path) -> Path:
@@ -91,6 +78,7 @@ def server_process(
         "RISKWIRE_DRIFT": MODES[mode],
         "RISKWIRE_STATE_SNAPSHOT": str(out / "state" / f"cards-{tag}.snapshot"),  # fresh
         "RISKWIRE_ADMIN_PORT": str(admin_port),
+        "RISKWIRE_METRICS_PORT": "0",
         "RISKWIRE_SHADOW_DIR": str(out / "shadow"),
     }
     return loadgen.ServerProcess(

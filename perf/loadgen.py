@@ -39,6 +39,9 @@ INSTALL_HINTS = {
     ),
 }
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+# Metadata every benchmark call carries (h2load headers and the checking calls), e.g.
+# the API key of bench_auth's authenticated server; empty by default.
+CALL_METADATA: list[tuple[str, str]] = []
 
 
 # ------------------------------------------------------------------ request bodies
@@ -296,7 +299,7 @@ def h2load_command(
     args += ["-D", f"{round(duration_s * 1000)}ms", "-d", str(body), "--log-file", str(log_file)]
     if warmup_s > 0:
         args += ["--warm-up-time", f"{round(warmup_s * 1000)}ms"]
-    for header in GRPC_HEADERS:
+    for header in (*GRPC_HEADERS, *(f"{key}: {value}" for key, value in CALL_METADATA)):
         args += ["-H", header]
     return [*args, url]
 
@@ -372,7 +375,7 @@ def unary_raw(target: str, path: str, message: bytes, timeout: float = 5.0) -> b
     import grpc
 
     with grpc.insecure_channel(target) as channel:
-        return channel.unary_unary(path)(message, timeout=timeout)
+        return channel.unary_unary(path)(message, timeout=timeout, metadata=CALL_METADATA)
 
 
 def health_ok(target: str, timeout: float = 2.0) -> bool:
@@ -477,6 +480,34 @@ def require_h2load(script: str) -> str:
     if h2load is None:
         raise SystemExit(f"{script}: h2load not found (apt-get install nghttp2-client)")
     return h2load
+
+
+def round_arguments(description: str, rounds_help: str) -> Any:
+    """An argument parser with the options every side-by-side round benchmark takes:
+    ``--models --workers --duration --warmup --concurrency --rounds --smoke --json --out``
+    (add your own, then call :func:`parse_round_arguments`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", type=Path, default=None, help="models dir (default: demo)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per run")
+    parser.add_argument("--concurrency", type=int, default=8, help="h2load connections")
+    parser.add_argument("--rounds", type=int, default=3, help=rounds_help)
+    parser.add_argument("--smoke", action="store_true", help="1 round of 1 s runs (CI)")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument("--out", type=Path, default=None, help="keep logs and results here")
+    return parser
+
+
+def parse_round_arguments(parser: Any, argv: list[str] | None, *, keep_logs: bool) -> Any:
+    """Parse; ``--smoke`` means one round of 1 s runs after a 0.5 s warm-up."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.duration, args.warmup, args.rounds = 1.0, 0.5, 1
+    args.keep_logs = keep_logs
+    return args
 
 
 def run_bench(

@@ -139,6 +139,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
             **os.environ,
             "RISKWIRE_STATE_SNAPSHOT": str(out / f"cards-{workers}.snap"),
             "RISKWIRE_ADMIN_PORT": "0",
+            "RISKWIRE_METRICS_PORT": "0",
         }
         for name in ("echo", "riskwire"):
             target = f"127.0.0.1:{ports[name]}"

@@ -6,7 +6,9 @@
                                ▼
                  every worker's shadow scorer polls shadow.json (≤ 0.25 s)
 
-Loopback only by default (``admin_host``); authentication arrives with the security work.
+Loopback only by default (``admin_host``); with ``auth`` on, reads need the ``read`` role
+and changes the ``admin`` role, and every change is appended to the hash-chained audit
+log (``riskwire audit verify``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from riskwire.protos import admin_pb2, admin_pb2_grpc
 from riskwire.shadow.compare import DECISIONS, PairStats
 from riskwire.shadow.config import ShadowConfig, ShadowConfigError, read_control, write_control
 
+from .audit import AuditLog
 from .config import Settings
 from .errors import InvalidInputError, ModelNotFoundError
 from .grpc.reflection import enable_reflection
 from .grpc.status import unary
 from .monitoring.alerts import Measurement
 from .monitoring.drift import DriftMonitor, pid_alive
+from .request_log import CALL
+from .security import peer_host
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +132,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._control = run_dir / CONTROL_FILE
         self._stats_dir = run_dir / STATS_DIR
         self._drift = drift
+        self._audit_log = AuditLog(settings.audit_path)
 
     @unary
     def GetShadow(self, request, context):
@@ -135,10 +141,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @unary
     def SetShadow(self, request, context):
         config = _from_proto(request)
-        check_local_target(Path(self._settings.models), config, self._settings.default_model)
-        stored = write_control(self._control, config)
+        client = getattr(CALL, "client", "") or peer_host(context.peer())
+        try:
+            check_local_target(Path(self._settings.models), config, self._settings.default_model)
+            stored = write_control(self._control, config)
+        except Exception as exc:
+            self._audit("shadow.set", client, config.to_json(), f"error: {exc}")
+            raise
+        self._audit("shadow.set", client, stored.to_json(), "ok")
         log.info("shadow configuration %d: %s", stored.generation, stored.to_json())
         return _to_proto(stored)
+
+    def _audit(self, action: str, client: str, arguments: str, result: str) -> None:
+        try:
+            self._audit_log.append(client, action, json.loads(arguments), result)
+        except OSError as exc:  # the change is made; losing its record must be loud
+            log.error("audit log %s: %s", self._audit_log.path, exc)
 
     @unary
     def DriftStatus(self, request, context):
@@ -235,6 +253,10 @@ def start_admin_server(
     """Serve the Admin API (plus health and reflection); returns the server and its port."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+    from .grpc.status import configure_gate
+    from .security import listen, make_gate
+
+    configure_gate(make_gate(settings))  # keys and roles; the admin plane has no rate limit
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"),
         options=[("grpc.so_reuseport", 0)],  # a second server must not share this port
@@ -244,7 +266,7 @@ def start_admin_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([ADMIN_SERVICE, health.SERVICE_NAME], server)
     address = f"{settings.admin_host}:{settings.admin_port}"
-    port = server.add_insecure_port(address)
+    port = listen(server, address, settings)
     if port == 0:
         raise RuntimeError(f"admin API cannot listen on {address}")
     server.start()

@@ -4,9 +4,9 @@ Resolution order, highest first: command-line flag > ``RISKWIRE_<FIELD>`` enviro
 variable > the config file (TOML, ``--config``) > the named profile's defaults >
 the ``_DEFAULT`` values below. Only this module reads ``os.environ``.
 
-Profiles: ``dev`` (the default; loopback, verbose), ``test`` (small state, fast
-snapshots), ``staging`` and ``prod`` (all interfaces; prod will refuse to start
-without TLS and authentication once those exist — for now it warns).
+Profiles: ``dev`` (the default; loopback, verbose; warns loudly without TLS or auth),
+``test`` (small state, fast snapshots), ``staging`` and ``prod`` (all interfaces; prod
+refuses to start without TLS and authentication).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any, get_type_hints
 from riskwire.shadow.config import ShadowConfigError, parse_filter
 
 from .monitoring.recorder import parse_windows
+from .ratelimit import parse_rate_limits
+from .security import certificate_roles
 
 ENV_PREFIX = "RISKWIRE_"
 PROFILES = ("dev", "test", "staging", "prod")
@@ -45,7 +47,8 @@ class Settings:
     default_model: str = "fraud"  # model used when a request names none
     max_message_bytes: int = 16 * 1024 * 1024
     max_batch_rows: int = 100_000  # ScoreBatch / ModelInfer rows per call
-    max_concurrent_rpcs: int = 0  # per worker; 0 = unlimited (grpc maximum_concurrent_rpcs)
+    max_concurrent_rpcs: int = 1024  # per worker, queued + running; 0 = unlimited
+    queue_budget_ms: float = 20.0  # refuse on arrival when the wait would exceed it; 0 = off
     state_capacity: int = 1 << 20  # per-card state slots (power of two)
     state_snapshot: str = ""  # snapshot file; "" = <models>/.state/cards.snapshot
     snapshot_interval_s: float = 60.0  # 0 disables periodic snapshots
@@ -77,11 +80,33 @@ class Settings:
     request_log_max_mb: int = 64
     request_log_backups: int = 5
     # OpenTelemetry server spans, built off the hot path (see server/tracing.py).
+    request_log_exporter: str = ""  # "" = off | console | otlp-grpc | otlp-http (log records)
+    request_log_endpoint: str = ""  # OTLP collector ("" = the exporter's default)
     tracing_exporter: str = ""  # "" = off | console | jsonl | otlp-grpc | otlp-http
     tracing_endpoint: str = ""  # OTLP collector ("" = the exporter's default)
     tracing_dir: str = ""  # jsonl: <dir>/spans-w<worker>.jsonl ("" = <models>/.traces)
     tracing_sample_ratio: float = 0.01  # plus every error, slow call and sampled parent
     tracing_slow_ms: float = 50.0
+    # Metrics: merged over workers on a Prometheus endpoint of the control plane, and OTLP.
+    metrics: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # Prometheus /metrics; 0 = any free port (logged)
+    metrics_publish_s: float = 1.0  # how often each worker publishes its counters
+    metrics_exporter: str = ""  # "" = none | otlp-grpc | otlp-http (the merged metrics)
+    metrics_endpoint: str = ""  # OTLP collector ("" = the exporter's default)
+    metrics_export_s: float = 10.0
+    # Security: API keys (see `riskwire keys`), TLS/mTLS for both planes, rate limits.
+    auth: bool = False  # require a key (or client certificate) on every call
+    auth_key_file: str = ""  # "" = <models>/.auth/keys.json
+    api_keys: str = ""  # the key document inline (RISKWIRE_API_KEYS), instead of the file
+    auth_open_health: bool = True  # health, reflection, ServerLive/Ready without a key
+    tls_cert: str = ""  # PEM certificate chain of both planes; "" = plaintext
+    tls_key: str = ""  # its PEM private key
+    tls_client_ca: str = ""  # mutual TLS: client certificates must chain to this CA
+    tls_client_roles: str = "score"  # roles of a client known by its certificate alone
+    rate_limits: str = ""  # per client "default=1000/2000; payments=5000/10000" (rate/burst)
+    rate_limit_slots: int = 16384  # clients tracked at once (shared by all workers)
+    audit_log: str = ""  # hash-chained admin audit log; "" = <models>/.audit/audit.jsonl
     # Control plane (admin API, in the supervisor). 0 = any free port (logged).
     admin_host: str = "127.0.0.1"
     admin_port: int = 50052
@@ -112,6 +137,15 @@ class Settings:
             raise SettingsError("max_batch_rows must be >= 1 and max_message_bytes >= 1024")
         if not 0 <= self.default_top_reasons <= 10:
             raise SettingsError("default_top_reasons must be in 0..10")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"metrics_port {self.metrics_port} is out of range 0..65535")
+        if self.metrics_publish_s <= 0 or self.metrics_export_s <= 0:
+            raise SettingsError("metrics_publish_s and metrics_export_s must be > 0")
+        if self.metrics_exporter not in ("", "otlp-grpc", "otlp-http"):
+            raise SettingsError(
+                f"metrics_exporter {self.metrics_exporter!r} is not one of otlp-grpc, "
+                "otlp-http (or empty for none)"
+            )
         if not 0 <= self.admin_port <= 65535:
             raise SettingsError(f"admin_port {self.admin_port} is out of range 0..65535")
         if not 0.0 <= self.shadow_rate <= 100.0:
@@ -126,12 +160,18 @@ class Settings:
             "restart_backoff_s",
             "snapshot_interval_s",
             "max_concurrent_rpcs",
+            "queue_budget_ms",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tracing_exporter not in ("", "console", "jsonl", "otlp-grpc", "otlp-http"):
             raise SettingsError(
                 f"tracing_exporter {self.tracing_exporter!r} is not one of console, jsonl, "
+                "otlp-grpc, otlp-http (or empty for off)"
+            )
+        if self.request_log_exporter not in ("", "console", "otlp-grpc", "otlp-http"):
+            raise SettingsError(
+                f"request_log_exporter {self.request_log_exporter!r} is not one of console, "
                 "otlp-grpc, otlp-http (or empty for off)"
             )
         if not 0.0 <= self.tracing_sample_ratio <= 1.0 or self.tracing_slow_ms < 0:
@@ -157,6 +197,26 @@ class Settings:
             parse_filter(self.shadow_filter)
         except ShadowConfigError as exc:
             raise SettingsError(f"shadow_filter: {exc}") from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"{name}: no such file {path}")
+        try:
+            parse_rate_limits(self.rate_limits)
+            certificate_roles(self.tls_client_roles)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.rate_limit_slots < 8:
+            raise SettingsError(f"rate_limit_slots must be >= 8, got {self.rate_limit_slots}")
+        if self.profile == "prod" and not (self.tls_cert and self.auth):
+            raise SettingsError(
+                "profile prod refuses to start without TLS and authentication: set tls_cert, "
+                "tls_key and auth = true (see `riskwire certs dev` and `riskwire keys create`)"
+            )
         if self.log_level.upper() not in _LOG_LEVELS:
             raise SettingsError(
                 f"log_level {self.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
@@ -187,16 +247,27 @@ class Settings:
         """Where shadow records and labels are written."""
         return Path(self.shadow_dir or Path(self.models) / ".shadow")
 
+    @property
+    def key_file(self) -> Path:
+        """Where API keys are read from (unless ``api_keys`` holds them inline)."""
+        return Path(self.auth_key_file or Path(self.models) / ".auth" / "keys.json")
+
+    @property
+    def audit_path(self) -> Path:
+        """The admin audit log."""
+        return Path(self.audit_log or Path(self.models) / ".audit" / "audit.jsonl")
+
     def warnings(self) -> list[str]:
         """Loud start-up warnings for risky combinations."""
         found = []
-        if self.profile == "prod":
+        missing = [name for name, on in (("TLS", self.tls_cert), ("authentication", self.auth))
+                   if not on]  # fmt: skip
+        if missing:
             found.append(
-                "profile prod: TLS and authentication are not available yet; "
-                "do not expose this server beyond a trusted network"
+                f"{' and '.join(missing)} OFF: any process that can reach "
+                f"{self.host}:{self.port} can score and change the server"
+                + ("" if self.host in ("127.0.0.1", "localhost", "::1") else " (not loopback!)")
             )
-        if self.host not in ("127.0.0.1", "localhost", "::1"):
-            found.append(f"listening on {self.host} without TLS or authentication")
         return found
 
 
@@ -207,6 +278,7 @@ _PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "snapshot_interval_s": 5.0,
         "grace_period_s": 3.0,
         "shadow_flush_seconds": 0.5,
+        "metrics_publish_s": 0.25,
     },
     "staging": {"host": "0.0.0.0"},
     "prod": {"host": "0.0.0.0", "log_level": "WARNING"},

@@ -21,6 +21,7 @@ from riskwire.kernels.schema import NUM_FEATURES
 
 from .errors import InvalidInputError, OutputValidationError
 from .registry import ModelRegistry, ModelRuntime
+from .request_log import CALL
 from .validation import OUTPUT_INVALID, ValidationPolicy
 
 MAX_TOP_REASONS = 10
@@ -141,6 +142,8 @@ class DataPlane:
         self.max_batch_rows = max_batch_rows
         self._clock_ms = clock_ms
         self._scratch = _Scratch()
+        # Stage clock readings for trace span events (set when tracing is on).
+        self.trace_stages = False
 
     def model(self, name: str = "", version: str = "") -> ModelRuntime:
         """The model a request asks for (raises ModelNotFoundError)."""
@@ -203,7 +206,12 @@ class DataPlane:
                 )  # fmt: skip
             else:
                 policy.count_clean()
+        stages = self.trace_stages
+        if stages:
+            t_validated = time.perf_counter()
         row = self._state.update(tx, scratch.features)[0]
+        if stages:
+            t_features = time.perf_counter()
         reasons = []
         if not top_reasons:
             probability = model.forest.predict_row(row)
@@ -223,6 +231,8 @@ class DataPlane:
         if not 0.0 <= probability <= 1.0:
             return self._invalid_output(probability, model)
         decision = model.decision(probability)
+        if stages:
+            t_predicted = time.perf_counter()
         monitor = self.monitor
         if monitor is not None:
             monitor.record_one(
@@ -234,6 +244,8 @@ class DataPlane:
                 request_id, transaction_id, self._clock_ms(), model.name, model.version,
                 probability, decision,
             )  # fmt: skip
+        if stages:
+            t_recorded = time.perf_counter()
         mirror = self.mirror
         if mirror is not None and mirror.active and mirror.sampled():
             mirror.offer_one(
@@ -248,6 +260,17 @@ class DataPlane:
                 (time.perf_counter() - started) * 1e6,
                 row.copy(),
                 (channel, country, card_country, currency, mcc, amount),
+                CALL.ids if stages else None,
+                CALL.client,
+            )
+        if stages:
+            CALL.stages = (
+                started,
+                t_validated,
+                t_features,
+                t_predicted,
+                t_recorded,
+                time.perf_counter(),
             )
         return ScoreOutcome(probability, decision, reasons, flags)
 
@@ -321,11 +344,18 @@ class DataPlane:
                 if errors and all_or_nothing:
                     raise _whole_request_error(errors)
         if len(valid):
+            stages = self.trace_stages
+            if stages:
+                t_validated = time.perf_counter()
             features = self._state.update(tx, np.empty((len(valid), NUM_FEATURES)))
+            if stages:
+                t_features = time.perf_counter()
             scores = model.forest.predict(features, num_threads=1)
             _check_probabilities(scores, model)
             probabilities[valid] = scores
             decisions[valid] = model.decisions(scores)
+            if stages:
+                t_predicted = time.perf_counter()
             if self.predictions is not None:
                 self.predictions.add_many(
                     request_id, columns.get("transaction_id"), valid,
@@ -339,6 +369,8 @@ class DataPlane:
             if reasons is not None:
                 for j, i in enumerate(valid):
                     reasons[i] = _reasons(model, features[j], top_reasons)
+            if stages:
+                t_recorded = time.perf_counter()
             mirror = self.mirror
             if mirror is not None and mirror.active:
                 mirror.offer_batch(
@@ -354,7 +386,14 @@ class DataPlane:
                     features,
                     columns,
                     valid,
+                    CALL.ids if stages else None,
+                    CALL.client,
                 )
+            if stages:
+                CALL.stages = (
+                    started, t_validated, t_features, t_predicted, t_recorded,
+                    time.perf_counter(),
+                )  # fmt: skip
         return BatchOutcome(probabilities, decisions, reasons, errors, flags)
 
     def _validate_batch(

@@ -5,6 +5,9 @@
     ├── ModelNotFoundError         NOT_FOUND
     ├── NotReadyError              UNAVAILABLE
     ├── OverloadedError            RESOURCE_EXHAUSTED
+    │   └── RateLimitedError       RESOURCE_EXHAUSTED (+ retry-after hint)
+    ├── UnauthenticatedError       UNAUTHENTICATED   (no valid key or certificate)
+    ├── PermissionDeniedError      PERMISSION_DENIED (the caller lacks the role)
     ├── DeadlineExpiredError       DEADLINE_EXCEEDED
     └── OutputValidationError      INTERNAL          (a model produced a bad output)
 
@@ -38,6 +41,8 @@ class ErrorCode(Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class ServingError(Exception):
@@ -80,6 +85,26 @@ class OverloadedError(ServingError):
     """Too much work in flight; retry later."""
 
     code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class RateLimitedError(OverloadedError):
+    """The client is over its rate limit; ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnauthenticatedError(ServingError):
+    """No valid API key or client certificate (the message never echoes the key)."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ServingError):
+    """The caller is known but lacks the role the method needs."""
+
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class DeadlineExpiredError(ServingError):

@@ -26,12 +26,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .tracing import Tracing
+    from .monitoring.metrics import CallMetrics
+    from .tracing import CallIds, LogRecords, Tracing
 
 log = logging.getLogger(__name__)
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _DECISIONS = {1: "approve", 2: "review", 3: "decline"}
+
+
+# Per-thread hand-off between the unary wrapper, the gate and the dataplane about the
+# call being served (class attributes are the defaults of a fresh thread).
+class _Call(threading.local):
+    stages: tuple[float, ...] | None = None  # the dataplane's stage clock readings
+    ids: tuple | None = None  # the span ids of the call (tracing on)
+    client: str = ""  # the admitted client id (a gate configured)
+
+
+CALL = _Call()
+# Span events: (name, index of the reading that starts it, index that ends it) in
+# (call start, scoring start, validated, features, predicted, recorded, mirrored, end).
+STAGES = (
+    ("decode", 0, 1), ("validate", 1, 2), ("features", 2, 3), ("predict", 3, 4),
+    ("record", 4, 5), ("shadow_enqueue", 5, 6), ("respond", 6, 7),
+)  # fmt: skip
 
 
 def parse_traceparent(value: str) -> tuple[str, str, bool] | None:
@@ -70,14 +88,23 @@ class RequestLog:
         backups: int = 5,
         flush_s: float = 0.5,
         tracing: Tracing | None = None,
+        metrics: CallMetrics | None = None,
+        log_records: LogRecords | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else None
         self.tracing = tracing
+        self.metrics = metrics
+        self.log_records = log_records
+        # Whether calls make lines or spans; without, they are only counted (cheaper).
+        self.lines = path is not None or tracing is not None or log_records is not None
+        self._counted: deque = deque(maxlen=1_000_000)
         self.worker = worker
         self.max_bytes = max_bytes
         self.backups = backups
         self._flush_s = flush_s
         self._pending: deque = deque(maxlen=1_000_000)  # bounded: oldest lines go first
+        # Calls being served (the unary wrapper appends on entry, pops on exit).
+        self.in_flight: deque = metrics.in_flight if metrics is not None else deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         if self.path is not None:
@@ -91,9 +118,21 @@ class RequestLog:
         started: float,
         latency_s: float,
         response: Any,
+        t0: float = 0.0,
+        stages: tuple[float, ...] | None = None,
+        client: str = "",
+        ids: CallIds | None = None,
     ) -> None:
-        """Record one finished call (hot path: one tuple append)."""
-        self._pending.append((traceparent, method, status, started, latency_s, response))
+        """Record one finished call (hot path: one tuple append). ``t0`` is the call's
+        perf_counter start, ``stages`` the dataplane's readings (tracing only), ``client``
+        the authenticated client id (never the key), ``ids`` those of its span."""
+        self._pending.append(
+            (traceparent, method, status, started, latency_s, response, t0, stages, client, ids)
+        )
+
+    def count(self, method: str, status: str, latency_s: float, response: Any) -> None:
+        """Record one finished call for the metrics only (hot path: one tuple append)."""
+        self._counted.append((method, status, latency_s, response))
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -105,8 +144,12 @@ class RequestLog:
         if self._thread.is_alive():
             self._thread.join(5.0)
         self._write()
+        if self.metrics is not None:
+            self.metrics.publish()
         if self.tracing is not None:
             self.tracing.shutdown()
+        if self.log_records is not None:
+            self.log_records.shutdown()
 
     def _run(self) -> None:
         while not self._stop.wait(self._flush_s):
@@ -114,25 +157,29 @@ class RequestLog:
 
     def _trace(self, item: tuple) -> None:
         """Only the span of a call (when its sampling keeps it)."""
-        traceparent, method, status, started, latency_s, response = item
+        traceparent, method, status, started, latency_s, response, t0, stages, client, ids = item
         tracing = self.tracing
-        assert tracing is not None
-        context = parse_traceparent(traceparent) if traceparent else None
-        if tracing.keep(context, status, latency_s):
-            outcome = _outcome(response) if response is not None else {}
+        assert tracing is not None and ids is not None
+        context = ids[2]
+        if tracing.keep(context, status, latency_s, ids[0]):
+            outcome = _outcome(response, client)
             attributes = {f"riskwire.{k}": v for k, v in outcome.items()}
-            tracing.span(context, method, status, started, latency_s, attributes)
+            events = _stage_events(t0, stages, latency_s)
+            tracing.span(context, method, status, started, latency_s, attributes, events, ids)
 
     def _line(self, item: tuple) -> str:
-        traceparent, method, status, started, latency_s, response = item
-        context = parse_traceparent(traceparent) if traceparent else None
-        outcome = _outcome(response) if response is not None else {}
+        traceparent, method, status, started, latency_s, response, t0, stages, client, ids = item
+        outcome = _outcome(response, client)
         tracing = self.tracing
-        if tracing is not None and tracing.keep(context, status, latency_s):
-            attributes = {f"riskwire.{k}": v for k, v in outcome.items()}
-            span_id = tracing.span(context, method, status, started, latency_s, attributes)
-            trace_id = tracing.last_trace_id
+        if tracing is not None and ids is not None:
+            context = ids[2]
+            if tracing.keep(context, status, latency_s, ids[0]):
+                attributes = {f"riskwire.{k}": v for k, v in outcome.items()}
+                events = _stage_events(t0, stages, latency_s)
+                tracing.span(context, method, status, started, latency_s, attributes, events, ids)
+            trace_id, span_id = f"{ids[0]:032x}", f"{ids[1]:016x}"
         else:
+            context = parse_traceparent(traceparent) if traceparent else None
             span_id = new_id(64)
             trace_id = context[0] if context else new_id(128)
         moment = datetime.fromtimestamp(started, UTC)
@@ -147,18 +194,38 @@ class RequestLog:
             "worker": self.worker,
             **outcome,
         }
+        if self.log_records is not None:
+            self.log_records.emit(record, started, status == "OK")
         return json.dumps(record, separators=(",", ":"))
 
     def _write(self) -> None:
         pending = self._pending
         items = [pending.popleft() for _ in range(len(pending))]
+        metrics = self.metrics
+        if metrics is not None:
+            counted = self._counted
+            calls = [counted.popleft() for _ in range(len(counted))]
+            calls += [(item[1], item[2], item[4], item[5]) for item in items]
+            if calls:
+                metrics.add_calls(
+                    [
+                        (method, status, getattr(response, "model_name", ""),
+                         getattr(response, "model_version", ""))
+                        for method, status, _, response in calls
+                    ],
+                    [call[2] for call in calls],
+                )  # fmt: skip
+            metrics.maybe_publish()
         if not items:
             return
-        if self.path is None:  # tracing only: no lines to format
-            for item in items:
-                self._trace(item)
+        if self.path is None and self.log_records is None:  # no lines to format
+            if self.tracing is not None:
+                for item in items:
+                    self._trace(item)
             return
         text = "".join(self._line(item) + "\n" for item in items)
+        if self.path is None:  # OpenTelemetry log records only
+            return
         try:
             if self.path.exists() and self.path.stat().st_size + len(text) > self.max_bytes:
                 self._rotate()
@@ -178,9 +245,22 @@ class RequestLog:
             self.path.unlink(missing_ok=True)
 
 
-def _outcome(response: Any) -> dict[str, Any]:
-    """Model, version, decision and flags of a Scoring response (other messages: model)."""
-    out: dict[str, Any] = {}
+def _stage_events(
+    t0: float, stages: tuple[float, ...] | None, latency_s: float
+) -> list[tuple[str, float, float]]:
+    """(stage, offset from the call's start, duration) in seconds, from the readings."""
+    if not stages:
+        return []
+    marks = (t0, *stages, t0 + latency_s)
+    return [(name, marks[a] - t0, marks[b] - marks[a]) for name, a, b in STAGES]
+
+
+def _outcome(response: Any, client: str = "") -> dict[str, Any]:
+    """Client id, model, version, decision and flags of a Scoring response (other
+    messages: model)."""
+    out: dict[str, Any] = {"client_id": client} if client else {}
+    if response is None:
+        return out
     for field, key in (("model_name", "model"), ("model_version", "model_version")):
         value = getattr(response, field, "")
         if value:

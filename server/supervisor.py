@@ -34,6 +34,7 @@ from .admin import (
     DRIFT_DIR,
     STATS_DIR,
     check_local_target,
+    read_worker_stats,
     shadow_config_from_settings,
     start_admin_server,
 )
@@ -41,11 +42,25 @@ from .config import Settings, SettingsError, replace
 from .errors import ModelNotFoundError
 from .monitoring.alerts import engine_from_config
 from .monitoring.drift import DriftMonitor, alert_config
+from .monitoring.metrics import (
+    METRICS_DIR,
+    MergedMetrics,
+    MetricsPusher,
+    counter,
+    gauge,
+    make_metric_exporter,
+    start_prometheus_endpoint,
+)
 from .monitoring.recorder import parse_windows
+from .ratelimit import SharedRateLimiter, parse_rate_limits
 from .state import SharedCardState
 from .worker import WorkerFailed, WorkerReady, configure_logging, run_worker
 
 log = logging.getLogger("riskwire.supervisor")
+SHADOW_PAIR_LABELS = (
+    "riskwire.model", "riskwire.model_version", "riskwire.shadow_model",
+    "riskwire.shadow_model_version",
+)  # fmt: skip
 
 
 @dataclass
@@ -88,8 +103,10 @@ class Supervisor:
         cpus = _cpu_plan(len(self._slots)) if self.settings.pin_workers else None
         self._cpus = cpus or [None] * len(self._slots)
         self._state: SharedCardState | None = None
+        self._limiter: SharedRateLimiter | None = None
         self._own_run_dir = False
         self.admin_port: int | None = None
+        self.metrics_port: int | None = None
         self.drift: DriftMonitor | None = None
 
     def run(self) -> int:
@@ -103,14 +120,19 @@ class Supervisor:
         self._state = SharedCardState.create(
             settings.state_capacity, snapshot=settings.snapshot_path
         )
+        if settings.rate_limits:
+            self._limiter = SharedRateLimiter.create(
+                settings.rate_limit_slots, limits=parse_rate_limits(settings.rate_limits)
+            )
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        admin = None
+        admin = metrics_endpoint = pusher = None
         try:
             run_dir = self._prepare_run_dir()
             self.drift = self._drift_monitor(run_dir)
             admin, self.admin_port = start_admin_server(self.settings, run_dir, self.drift)
             log.info("admin API on %s:%d", settings.admin_host, self.admin_port)
+            metrics_endpoint, pusher = self._start_metrics(run_dir)
             for slot in self._slots:
                 self._start(slot)
             self._loop()
@@ -118,6 +140,11 @@ class Supervisor:
             self._shutdown()
             if admin is not None:
                 admin.stop(1.0)
+            if pusher is not None:
+                pusher.stop()
+            if metrics_endpoint is not None:
+                metrics_endpoint.shutdown()
+                metrics_endpoint.server_close()
             if self.drift is not None:
                 self.drift.engine.close(5.0)
             if self._own_run_dir:
@@ -147,6 +174,95 @@ class Supervisor:
             min_labels=settings.performance_min_labels,
         )
 
+    def _start_metrics(self, run_dir: Path):  # noqa: ANN202
+        """The merged metrics' Prometheus endpoint and OTLP pusher (either may be None)."""
+        settings = self.settings
+        if not settings.metrics:
+            return None, None
+        merged = MergedMetrics(run_dir / METRICS_DIR, extra=self._metric_series)
+        endpoint = pusher = None
+        try:
+            endpoint, self.metrics_port = start_prometheus_endpoint(
+                merged,
+                settings.metrics_host,
+                settings.metrics_port,
+                certfile=settings.tls_cert,
+                keyfile=settings.tls_key,
+                client_cafile=settings.tls_client_ca,
+            )
+            scheme = "https" if settings.tls_cert else "http"
+            log.info(
+                "metrics on %s://%s:%d/metrics", scheme, settings.metrics_host, self.metrics_port
+            )
+        except OSError as exc:  # the data plane matters more than its dashboard
+            log.error(
+                "metrics endpoint %s:%d not started: %s",
+                settings.metrics_host, settings.metrics_port, exc,
+            )  # fmt: skip
+        if settings.metrics_exporter:
+            from opentelemetry.sdk.resources import Resource
+
+            from riskwire import __version__
+
+            resource = Resource.create(
+                {
+                    "service.name": "riskwire",
+                    "service.version": __version__,
+                    "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
+                }
+            )
+            exporter = make_metric_exporter(settings.metrics_exporter, settings.metrics_endpoint)
+            pusher = MetricsPusher(merged, exporter, resource, settings.metrics_export_s)
+            pusher.start()
+        return endpoint, pusher
+
+    def _metric_series(self) -> list[dict]:
+        """The control plane's own series: workers, shadow pairs, drift measures."""
+        series = [
+            gauge(
+                "riskwire.workers.ready",
+                sum(s.ready for s in self._slots),
+                {},
+                unit="{worker}",
+                description="Workers serving",
+            )  # fmt: skip
+        ]
+        series.extend(
+            counter(
+                "riskwire.worker.restarts",
+                slot.restarts,
+                {"riskwire.worker": slot.worker_id},
+                unit="{restart}",
+                description="Worker processes restarted",
+            )  # fmt: skip
+            for slot in self._slots
+        )
+        _, pairs = read_worker_stats(Path(self.settings.run_dir) / STATS_DIR)
+        for key, stats in pairs.items():
+            attributes = dict(zip(SHADOW_PAIR_LABELS, key, strict=True))
+            for name in ("mirrored", "dropped", "scored", "failed", "agree"):
+                series.append(
+                    counter(
+                        f"riskwire.shadow.{name}",
+                        getattr(stats, name),
+                        attributes,
+                        unit="{request}",
+                        description=f"Shadow requests {name}",
+                    )  # fmt: skip
+                )
+        if self.drift is not None:
+            rows, _, _ = self.drift.latest()
+            for row in rows:
+                attributes = {
+                    "riskwire.model": row["model"], "riskwire.model_version": str(row["version"]),
+                    "window": row["window"], "column": row["column"], "measure": row["measure"],
+                }  # fmt: skip
+                series.append(
+                    gauge("riskwire.drift", float(row["value"]), attributes,
+                          description="Drift and live-quality measures (last evaluation)")
+                )  # fmt: skip
+        return series
+
     def _prepare_run_dir(self) -> Path:
         """Create the run directory and write the start-up shadow configuration."""
         if self.settings.run_dir:
@@ -156,8 +272,9 @@ class Supervisor:
             run_dir = Path(tempfile.mkdtemp(prefix="riskwire-run-"))
             self._own_run_dir = True
             self.settings = replace(self.settings, run_dir=str(run_dir))
-        for stale in (*(run_dir / STATS_DIR).glob("*.json"), *(run_dir / DRIFT_DIR).glob("*.json")):
-            stale.unlink()
+        for folder in (STATS_DIR, DRIFT_DIR, METRICS_DIR):
+            for stale in (run_dir / folder).glob("*.json"):
+                stale.unlink()
         settings = self.settings
         try:
             config = shadow_config_from_settings(settings)
@@ -182,6 +299,7 @@ class Supervisor:
                 self._state.name,
                 self._events,
                 self._cpus[slot.worker_id],
+                self._limiter.name if self._limiter is not None else "",
             ),
             name=f"riskwire-worker-{slot.worker_id}",
         )
@@ -247,6 +365,10 @@ class Supervisor:
                 log.warning(
                     "worker %d died holding the card state lock; released it", slot.worker_id
                 )
+            if self._limiter is not None and self._limiter.break_lock_of(process.pid):
+                log.warning(
+                    "worker %d died holding the rate-limit lock; released it", slot.worker_id
+                )
         if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
             slot.restarts += 1
             self._start(slot)
@@ -275,4 +397,6 @@ class Supervisor:
         if self._state is not None:
             self._snapshot()
             self._state.close()
+        if self._limiter is not None:
+            self._limiter.close()
         log.info("stopped")

@@ -87,6 +87,7 @@ def run_worker(
     state_name: str,
     events: Queue,
     cpu: int | None,
+    limiter_name: str = "",
 ) -> None:
     """Entry point of a worker process (the supervisor's spawn target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
@@ -96,7 +97,7 @@ def run_worker(
         os.sched_setaffinity(0, {cpu})
     try:
         server, health, state, (mirror, recorder, predictions, request_log) = _build_server(
-            worker_id, settings, state_name, events
+            worker_id, settings, state_name, events, limiter_name
         )
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
         log.exception("worker %d failed to start", worker_id)
@@ -134,7 +135,7 @@ def run_worker(
     os._exit(0)
 
 
-def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN202
+def _build_server(worker_id, settings, state_name, events, limiter_name):  # noqa: ANN001, ANN202
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -166,7 +167,7 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     policy = _validation_policy(settings)
     recorder = _start_recorder(worker_id, settings, runtimes, policy)
     predictions = _start_prediction_log(worker_id, settings)
-    request_log = _start_request_log(worker_id, settings)
+    request_log = _start_request_log(worker_id, settings, _observer(mirror, predictions, policy))
     dataplane = DataPlane(
         registry,
         state,
@@ -177,14 +178,42 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
         monitor=recorder,
         predictions=predictions,
     )
+    dataplane.trace_stages = request_log is not None and request_log.tracing is not None
+    if dataplane.trace_stages:
+        mirror.tracing = request_log.tracing
     labels = LabelStore(settings.shadow_path, worker_id)
 
+    from .security import listen, make_gate
+
+    gate = make_gate(settings, limiter_name)
+    interceptors = []
+    if gate is not None:
+        from .grpc.status import configure_gate
+        from .security import OpenServicesInterceptor
+
+        configure_gate(gate)
+        if settings.auth and not settings.auth_open_health:
+            interceptors.append(OpenServicesInterceptor(gate))
+    executor = futures.ThreadPoolExecutor(
+        max_workers=settings.threads_per_worker, thread_name_prefix=f"w{worker_id}"
+    )
+    if settings.queue_budget_ms > 0:
+        from .admission import AdmissionInterceptor, ServiceTime
+        from .grpc.status import configure_admission
+
+        service = ServiceTime()
+        configure_admission(service)
+        interceptors.insert(  # first: a refused call costs nothing else
+            0,
+            AdmissionInterceptor(
+                executor, settings.threads_per_worker, settings.queue_budget_ms / 1000, service
+            ),
+        )
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=settings.threads_per_worker, thread_name_prefix=f"w{worker_id}"
-        ),
+        executor,
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+        interceptors=interceptors,
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     serving = threading.Event()
@@ -196,7 +225,7 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([*SERVICE_NAMES, health.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
-    if server.add_insecure_port(address) == 0:
+    if listen(server, address, settings) == 0:
         raise RuntimeError(f"cannot listen on {address}")
     server.start()
     # Models are loaded and every kernel compiled and warmed: report SERVING.
@@ -208,10 +237,49 @@ def _build_server(worker_id, settings, state_name, events):  # noqa: ANN001, ANN
     return server, health_servicer, state, (mirror, recorder, predictions, request_log)
 
 
-def _start_request_log(worker_id, settings):  # noqa: ANN001, ANN202
-    """This worker's call recorder (request log and/or server spans), installed for
-    every unary handler; None when both are off."""
-    if not settings.request_log_dir and not settings.tracing_exporter:
+def _observer(mirror, predictions, policy):  # noqa: ANN001, ANN202
+    """Series sampled when this worker publishes its metrics: queue depths, validation."""
+    from .monitoring.metrics import counter, gauge
+
+    def observe() -> list[dict]:
+        depths = {"shadow": mirror.queued()}
+        if predictions is not None:
+            depths["prediction_log"] = predictions.pending
+        out = [
+            gauge(
+                "riskwire.queue.depth",
+                depth,
+                {"queue": queue},
+                unit="{item}",
+                description="Items waiting in a background queue",
+            )  # fmt: skip
+            for queue, depth in depths.items()
+        ]
+        if policy is not None:
+            out.extend(
+                counter(
+                    "riskwire.validation.rows",
+                    value,
+                    {"outcome": outcome},
+                    unit="{row}",
+                    description="Rows by validation outcome",
+                )  # fmt: skip
+                for outcome, value in policy.counts.items()
+            )
+        return out
+
+    return observe
+
+
+def _start_request_log(worker_id, settings, observe):  # noqa: ANN001, ANN202
+    """This worker's call recorder (request log, server spans and metrics), installed
+    for every unary handler; None when all three are off."""
+    if not (
+        settings.request_log_dir
+        or settings.request_log_exporter
+        or settings.tracing_exporter
+        or settings.metrics
+    ):
         return None
     from .grpc.status import configure_request_log
     from .request_log import RequestLog
@@ -233,6 +301,22 @@ def _start_request_log(worker_id, settings):  # noqa: ANN001, ANN202
             sample_ratio=settings.tracing_sample_ratio,
             slow_ms=settings.tracing_slow_ms,
         )
+    metrics = None
+    if settings.metrics:
+        from .monitoring.metrics import METRICS_DIR, CallMetrics
+
+        metrics = CallMetrics(
+            worker_id,
+            Path(settings.run_dir) / METRICS_DIR / f"worker-{worker_id}-{os.getpid()}.json",
+            publish_s=settings.metrics_publish_s,
+            observe=observe,
+        )
+    log_records = None
+    if settings.request_log_exporter:
+        from .tracing import LogRecords, make_log_exporter
+
+        exporter = make_log_exporter(settings.request_log_exporter, settings.request_log_endpoint)
+        log_records = LogRecords(exporter, worker=worker_id)
     log_dir = settings.request_log_dir
     request_log = RequestLog(
         Path(log_dir) / f"requests-w{worker_id}.jsonl" if log_dir else None,
@@ -240,6 +324,8 @@ def _start_request_log(worker_id, settings):  # noqa: ANN001, ANN202
         max_bytes=settings.request_log_max_mb * 1024 * 1024,
         backups=settings.request_log_backups,
         tracing=tracing,
+        metrics=metrics,
+        log_records=log_records,
     )
     request_log.start()
     configure_request_log(request_log)

@@ -79,6 +79,8 @@ class _Batch:
     decisions: np.ndarray
     latency_us: float
     features: np.ndarray
+    traces: list | None = None  # (trace id, span id, parent) of the calls, when tracing
+    clients: list | None = None  # per row: the caller's client id (None without auth)
 
 
 def _unpin() -> None:
@@ -113,6 +115,9 @@ class ShadowMirror:
         self._queue: deque = deque()
         self._queue_size = settings.queue_size
         self._random = random.random
+        # Set by the worker when tracing is on: each scored batch becomes a span linked
+        # to the server spans of its calls (riskwire.server.tracing.Tracing.shadow_span).
+        self.tracing = None
         # Read lock-free on the hot path; replaced as a whole by the scorer thread.
         self.active = False
         self._primary = ""
@@ -159,6 +164,8 @@ class ShadowMirror:
         latency_us: float,
         features: np.ndarray,
         filter_values: tuple,
+        trace: tuple | None = None,
+        client: str = "",
     ) -> None:
         """Mirror one scored request if it passes the filter (never blocks).
 
@@ -177,7 +184,7 @@ class ShadowMirror:
         self._queue.append(
             (
                 model_version, request_id, transaction_id, time_ms, card_key,
-                probability, decision, latency_us, features,
+                probability, decision, latency_us, features, trace, client or None,
             )
         )  # fmt: skip
 
@@ -195,6 +202,8 @@ class ShadowMirror:
         features: np.ndarray,
         columns: Mapping[str, Sequence],
         rows: np.ndarray,
+        trace: tuple | None = None,
+        client: str = "",
     ) -> None:
         """Mirror the scored rows of a batch call; ``rows`` index them in ``columns``
         (the raw request), ``features`` etc. are already restricted to them."""
@@ -219,6 +228,8 @@ class ShadowMirror:
             _Batch(
                 model_version, ids, tids, time_ms[index], card_keys[index],
                 probabilities[index], decisions[index], latency_us, features[index],
+                [trace] if trace is not None else None,
+                [client] * len(ids) if client else None,
             )
         )  # fmt: skip
 
@@ -359,13 +370,14 @@ class ShadowMirror:
         if singles:
             (
                 versions, request_ids, transaction_ids, times, keys,
-                probabilities, decisions, latencies, rows,
+                probabilities, decisions, latencies, rows, traces, clients,
             ) = zip(*singles, strict=True)  # fmt: skip
             batches.append(
                 _Batch(
                     "", list(request_ids), list(transaction_ids), np.array(times, np.int64),
                     np.array(keys, np.uint64), np.array(probabilities),
                     np.array(decisions, dtype=object), 0.0, np.stack(rows),
+                    [t for t in traces if t is not None] or None, list(clients),
                 )
             )  # fmt: skip
             single_versions, single_latencies = list(versions), np.array(latencies)
@@ -381,7 +393,7 @@ class ShadowMirror:
         target = self._target
         rows = len(batch.request_ids)
         error: str | None = None
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         if target is None:
             error = self._target_error or "shadow target not loaded"
             shadow = np.full(rows, np.nan)
@@ -396,6 +408,10 @@ class ShadowMirror:
         _yield_gil()
         shadow_latency_us = (time.perf_counter() - started) * 1e6 / rows
         name, version = self._shadow_label
+        if self.tracing is not None and batch.traces:
+            attributes = {"riskwire.shadow.model": name, "riskwire.shadow.version": version,
+                          "riskwire.shadow.rows": rows}  # fmt: skip
+            self.tracing.shadow_span(batch.traces, started_ns, time.time_ns(), attributes, error)
         ok = ~np.isnan(shadow)
         shadow_codes = np.full(rows, -1, np.int64)
         if target is not None and ok.any():
@@ -438,6 +454,7 @@ class ShadowMirror:
             latency.astype(np.float64),
             np.full(rows, shadow_latency_us),
             [error] * rows,
+            batch.clients or [None] * rows,
         ]
         if self.settings.record_features:
             columns.extend(np.ascontiguousarray(batch.features.T))

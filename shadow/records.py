@@ -61,6 +61,7 @@ _CORE_FIELDS = [
     pa.field("primary_latency_us", pa.float64()),
     pa.field("shadow_latency_us", pa.float64()),  # its batch's time / rows in the batch
     pa.field("shadow_error", pa.string()),  # null unless the shadow failed
+    pa.field("client_id", pa.string()),  # the authenticated caller (null without auth)
 ]
 RECORD_COLUMNS = tuple(f.name for f in _CORE_FIELDS)
 FEATURE_COLUMNS = tuple(FEATURE_PREFIX + name for name in FEATURE_NAMES)

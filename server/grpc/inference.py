@@ -15,7 +15,7 @@ from ..dataplane import BATCH_COLUMNS, DataPlane
 from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
 from .scoring import RequestIds
-from .status import check_deadline, item_error, unary
+from .status import caller, check_deadline, item_error, throttle, unary
 from .tensors import (
     INPUTS,
     OUTPUT_NAMES,
@@ -105,9 +105,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return self._infer(request)
 
     def ModelStreamInfer(self, request_iterator, context) -> Iterator[pb.ModelStreamInferResponse]:
+        principal = caller(context, "ModelStreamInfer")
         for request in request_iterator:
             try:
                 check_deadline(context)
+                throttle(principal, "ModelStreamInfer")
                 yield pb.ModelStreamInferResponse(infer_response=self._infer(request))
             except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
                 _, message = item_error(exc)

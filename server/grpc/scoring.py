@@ -13,7 +13,7 @@ from riskwire.shadow.labels import MAX_ID_CHARS, LabelStore
 
 from ..dataplane import BATCH_COLUMNS, DataPlane, ScoreOutcome
 from ..errors import InvalidInputError, NotReadyError
-from .status import check_deadline, item_error, unary
+from .status import caller, check_deadline, item_error, throttle, unary
 
 DECISIONS = {
     "approve": scoring_pb2.DECISION_APPROVE,
@@ -156,9 +156,11 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     def ScoreStream(
         self, request_iterator: Iterator[scoring_pb2.ScoreRequest], context: grpc.ServicerContext
     ) -> Iterator[_Response]:
+        principal = caller(context, "ScoreStream")
         for request in request_iterator:
             try:
                 check_deadline(context)
+                throttle(principal, "ScoreStream")
                 if not request.HasField("transaction"):
                     raise InvalidInputError("transaction: required field is missing")
                 yield self._score(request)

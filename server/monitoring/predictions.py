@@ -105,6 +105,11 @@ class PredictionLog:
                        probabilities, decisions)
             )  # fmt: skip
 
+    @property
+    def pending(self) -> int:
+        """Calls waiting for the writer thread."""
+        return len(self._pending)
+
     def start(self) -> None:
         """Start the background writer."""
         self._thread.start()

@@ -64,6 +64,7 @@ class ServerProcess:
     def __init__(self, args: Sequence[str], env: dict[str, str], port: int, snapshot: Path):
         self.port = port
         self.admin_port = int(env["RISKWIRE_ADMIN_PORT"])
+        self.metrics_port = int(env["RISKWIRE_METRICS_PORT"])
         self.snapshot = snapshot
         self.args = list(args)
         self._lines: list[str] = []
@@ -238,6 +239,7 @@ def server_env(snapshot: Path, extra: dict[str, str] | None = None) -> dict[str,
     env = {k: v for k, v in os.environ.items() if not k.startswith("RISKWIRE_")}
     env["RISKWIRE_STATE_SNAPSHOT"] = str(snapshot)
     env["RISKWIRE_ADMIN_PORT"] = str(free_port())
+    env["RISKWIRE_METRICS_PORT"] = str(free_port())
     env.update(extra or {})
     return env
 

@@ -454,3 +454,44 @@ def test_cli_status_set_feedback_report_and_readers(shadow_server, two_versions,
     assert pl.read_parquet(str(folder / "*.parquet")).height == rows
     sql = f"SELECT count(*) FROM read_parquet('{folder}/*.parquet')"
     assert duckdb.sql(sql).fetchall()[0][0] == rows
+
+
+def test_shadow_scoring_is_linked_to_each_requests_trace(
+    start_server, two_versions, tmp_path
+) -> None:
+    """With tracing on, every shadow-scored batch is a span linked to the server spans of
+    the calls it scored (the caller's trace, when one came with the call)."""
+    spans_dir = tmp_path / "spans"
+    server = start_server(
+        two_versions,
+        env={
+            "RISKWIRE_SHADOW_MODEL": "fraud:1",
+            "RISKWIRE_SHADOW_DIR": str(tmp_path / "shadow"),
+            "RISKWIRE_TRACING_EXPORTER": "jsonl",
+            "RISKWIRE_TRACING_DIR": str(spans_dir),
+            "RISKWIRE_TRACING_SAMPLE_RATIO": "1.0",
+        },
+    )
+    trace_id = uuid.uuid4().hex
+    with RiskwireClient(server.target) as client:
+        for i, t in enumerate(traffic(5, seed=11)):
+            parent = f"00-{trace_id}-{i + 1:016x}-01"
+            client.score(t, metadata=[("traceparent", parent)])
+
+    def spans() -> list[dict]:
+        return [json.loads(line) for path in spans_dir.glob("spans-w*.jsonl")
+                for line in path.read_text().splitlines()]  # fmt: skip
+
+    def linked() -> set[tuple[str, str]]:
+        return {(link["trace_id"], link["span_id"]) for s in spans()
+                if s["name"] == "riskwire.shadow/score" for link in s["links"]}  # fmt: skip
+
+    def served() -> set[tuple[str, str]]:
+        return {(s["trace_id"], s["span_id"]) for s in spans()
+                if s["name"].endswith("/Score") and s["trace_id"] == trace_id}  # fmt: skip
+
+    wait_until(lambda: len(served()) == 5 and served() <= linked(), timeout_s=30,
+               what="shadow spans linked to the five server spans")  # fmt: skip
+    shadow = [s for s in spans() if s["name"] == "riskwire.shadow/score"]
+    assert all(s["kind"] == "INTERNAL" for s in shadow)
+    assert all(s["attributes"]["riskwire.shadow.version"] == "1" for s in shadow)

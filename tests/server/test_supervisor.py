@@ -181,14 +181,18 @@ def test_empty_models_dir_exits_nonzero_with_clear_message(start_server, tmp_pat
     assert log.count("could not start") <= 2  # at most once per worker: no restart loop
 
 
-def test_prod_profile_warns_about_tls_and_auth(start_server, tmp_path) -> None:
-    """--profile prod logs a loud warning about missing TLS/authentication at start-up."""
+def test_prod_refuses_and_dev_warns_without_tls_and_auth(start_server, tmp_path) -> None:
+    """--profile prod exits with a clear error without TLS and auth; dev starts but logs a
+    loud warning."""
     empty = tmp_path / "models"
     empty.mkdir()
-    server = start_server(empty, "--profile", "prod", wait=False)  # exits: nothing to serve
-    server.wait_exit(90)
-    warnings = [line for line in server.log().splitlines() if "WARNING" in line]
-    assert any("TLS" in w and "authentication" in w for w in warnings), server.log()
+    prod = start_server(empty, "--profile", "prod", wait=False)
+    assert prod.wait_exit(90) != 0
+    assert "refuses to start without TLS and authentication" in prod.log()
+    dev = start_server(empty, "--profile", "dev", wait=False)  # exits: nothing to serve
+    dev.wait_exit(90)
+    warnings = [line for line in dev.log().splitlines() if "WARNING" in line]
+    assert any("TLS and authentication OFF" in w for w in warnings), dev.log()
 
 
 # ------------------------------------------------------------------------ settings
@@ -206,9 +210,22 @@ def test_defaults_and_profile_defaults() -> None:
     test = load_settings(environ={}, overrides={"profile": "test"})
     assert test.profile == "test" and test.state_capacity == 1 << 16
     assert test.grace_period_s == 3.0
-    prod = load_settings(environ={}, overrides={"profile": "prod"})
+    with pytest.raises(SettingsError, match="TLS and authentication"):
+        load_settings(environ={}, overrides={"profile": "prod"})
+    assert Settings().warnings() and "TLS and authentication OFF" in Settings().warnings()[0]
+
+
+def test_prod_starts_with_tls_and_auth(tmp_path: Path) -> None:
+    """prod's defaults apply once TLS and auth are configured; half a TLS pair is refused."""
+    from riskwire.clients.certs_cli import generate_dev_certificates
+
+    files = generate_dev_certificates(tmp_path / "tls")
+    tls = {"tls_cert": str(files["server_cert"]), "tls_key": str(files["server_key"])}
+    prod = load_settings(environ={}, overrides={"profile": "prod", "auth": True, **tls})
     assert prod.host == "0.0.0.0" and prod.log_level == "WARNING"
-    assert prod.warnings() and "TLS" in prod.warnings()[0]
+    assert prod.warnings() == []
+    with pytest.raises(SettingsError, match="together"):
+        load_settings(environ={}, overrides={"tls_cert": tls["tls_cert"]})
 
 
 def test_precedence_flag_over_env_over_file_over_profile(tmp_path: Path) -> None:

@@ -273,3 +273,29 @@ def test_join_takes_the_latest_label_by_request_then_transaction(tmp_path) -> No
     joined = join_labels(read_records(tmp_path), read_labels(tmp_path))
     labels = dict(zip(joined["request_id"].to_pylist(), joined["label"].to_pylist(), strict=True))
     assert labels == {"r1": 1, "r2": 1, "r3": None}
+
+
+def test_records_carry_the_callers_client_id(tmp_path) -> None:
+    """The authenticated client id of each mirrored call lands in its record (null for
+    calls without one), single calls and batches alike."""
+    mirror = make_mirror(tmp_path, FakeTarget())
+    mirror.start()
+    features = np.full(NUM_FEATURES, 0.5)
+    mirror.offer_one("fraud", "2", "single-auth", "t", 1_700_000_000_000, 7, 0.5, "review",
+                     50.0, features, FILTER_VALUES, None, "payments")  # fmt: skip
+    mirror.offer_one("fraud", "2", "single-anon", "t", 1_700_000_000_000, 8, 0.5, "review",
+                     50.0, features, FILTER_VALUES)  # fmt: skip
+    columns = {name: [value, value] for name, value in zip(
+        ("channel", "country", "card_country", "currency", "mcc", "amount"), FILTER_VALUES,
+        strict=True)}  # fmt: skip
+    mirror.offer_batch(
+        "fraud", "2", "batch", None, np.array([1, 2]), np.array([3, 4], np.uint64),
+        np.array([0.1, 0.9]), np.array(["approve", "decline"], dtype=object), 40.0,
+        np.full((2, NUM_FEATURES), 0.2), columns, np.array([0, 1]), None, "checkout",
+    )  # fmt: skip
+    mirror.stop()
+    table = read_records(tmp_path)
+    clients = dict(zip(table["request_id"].to_pylist(), table["client_id"].to_pylist(),
+                       strict=True))  # fmt: skip
+    assert clients == {"single-auth": "payments", "single-anon": None,
+                       "batch/0": "checkout", "batch/1": "checkout"}  # fmt: skip

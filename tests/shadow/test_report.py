@@ -69,6 +69,7 @@ def _make_rows(rng: np.random.Generator, n: int, pair: tuple[str, ...], prefix: 
         "primary_latency_us": rng.lognormal(6.0, 0.3, n).tolist(),
         "shadow_latency_us": np.where(failed, np.nan, shadow_latency).tolist(),
         "shadow_error": ["deadline exceeded <shadow>" if f else None for f in failed],
+        "client_id": ["payments"] * n,
         "fraud": fraud,
     }
 
