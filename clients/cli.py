@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     score_cli.add_score_file_args(score_file)
     score_file.set_defaults(handler=score_cli.cmd_score_file)
 
-    from . import alerts_cli, audit_cli, certs_cli, drift_cli, keys_cli, shadow_cli
+    from . import alerts_cli, audit_cli, certs_cli, drift_cli, governance_cli, keys_cli, shadow_cli
 
     shadow_cli.register(commands)
     shadow_cli.register_feedback(commands)
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(commands)
     keys_cli.register(commands)
     certs_cli.register(commands)
+    governance_cli.register(commands)
 
     serve = commands.add_parser("serve", help="serve models over gRPC")
     serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")

@@ -180,6 +180,7 @@ def build(
                 "params": config.to_dict(),
                 "config_hash": config_hash,
                 "seed": config.seed,
+                "governance": {"risk_category": config.risk_category, "owner": config.owner},
                 "code": code,
                 "libraries": libraries,
                 "python": provenance.python_version(),
@@ -204,6 +205,8 @@ def build(
             thresholds=thresholds,
             split=split.describe(raw.columns[TIME_COLUMN]),
             data_sha256=data_sha256,
+            risk_category=config.risk_category,
+            owner=config.owner,
         ).encode(),
         "requirements.txt": provenance.requirements_txt().encode(),
     }

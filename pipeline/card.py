@@ -6,6 +6,15 @@ from typing import Any
 
 from riskwire.kernels.schema import NUM_FEATURES
 
+# What each risk category means for promotion to primary or canary (one line each).
+RISK_MEANINGS = {
+    "low": "may be promoted to primary or canary directly.",
+    "medium": "promotion to primary or canary needs the pre-production checklist "
+    "(`riskwire governance check`) to pass.",
+    "high": "promotion to primary or canary needs the pre-production checklist and a "
+    "recorded approval (`riskwire governance approve`).",
+}
+
 _TEMPLATE = """# Model card: {name} v{version}
 
 ## Intended use
@@ -14,9 +23,8 @@ that a transaction is fraudulent; riskwire maps it to a decision with the thresh
 below. It supports, and does not replace, human review: `review` decisions go to an
 analyst, `decline` decisions should be explainable to the cardholder on request.
 
-- **Risk category:** high (automated decisions on payments affect customers directly;
-  changes to thresholds or promotions need an approval).
-- **Owner:** fraud-risk ML team (set `owner` in the build config for your team).
+- **Risk category:** {risk_category}: {risk_meaning}
+- **Owner:** {owner}
 - **Users:** payment and checkout services calling riskwire over gRPC.
 
 ## Model
@@ -71,8 +79,16 @@ def render_card(
     thresholds: dict[str, Any],
     split: dict[str, Any],
     data_sha256: str,
+    risk_category: str = "high",
+    owner: str = "fraud-risk ML team",
 ) -> str:
-    """Markdown model card for one package (deterministic: no timestamps)."""
+    """Markdown model card for one package (deterministic: no timestamps).
+
+    ``risk_category`` (low | medium | high) and ``owner`` come from the build config; the
+    card says what the category means for promotion.
+    """
+    if risk_category not in RISK_MEANINGS:
+        raise ValueError(f"risk_category must be one of {', '.join(RISK_MEANINGS)}")
     test = metrics["test"]
     at = test["at_thresholds"]
     split_rows = "\n".join(
@@ -82,6 +98,9 @@ def render_card(
     return _TEMPLATE.format(
         name=name,
         version=version,
+        risk_category=risk_category,
+        risk_meaning=RISK_MEANINGS[risk_category],
+        owner=owner,
         num_features=NUM_FEATURES,
         data_sha256=data_sha256,
         split_rows=split_rows,

@@ -5,6 +5,9 @@ Example ``build.toml``::
     seed = 7
     train_fraction = 0.7
     validation_fraction = 0.15
+    # Governance (model card, promotion gate): low | medium | high, and who owns the model.
+    risk_category = "medium"
+    owner = "payments fraud team"
 
     [lightgbm]
     num_leaves = 63
@@ -25,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildConfigError
+
+# Risk categories of a model, from the least to the most controlled (see riskwire.server.
+# governance): low may be promoted directly, medium needs the pre-production checklist,
+# high needs the checklist and a recorded approval.
+RISK_CATEGORIES = ("low", "medium", "high")
 
 # LightGBM parameters that give a reproducible model: fixed threads, deterministic mode.
 _DEFAULT_LIGHTGBM: dict[str, Any] = {
@@ -65,6 +73,8 @@ class BuildConfig:
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     profile_bins: int = 20  # histogram bins per numeric column in profile.json
     calibration_bins: int = 10
+    risk_category: str = "high"  # low | medium | high: how promotion is gated (card.md)
+    owner: str = "fraud-risk ML team"  # the team answerable for the model (card.md)
 
     def __post_init__(self) -> None:
         if not 0 < self.train_fraction < 1 or not 0 < self.validation_fraction < 1:
@@ -80,6 +90,13 @@ class BuildConfig:
             raise BuildConfigError("thresholds need 0 < decline_fpr < review_fpr < 1")
         if self.profile_bins < 2 or self.calibration_bins < 2:
             raise BuildConfigError("profile_bins and calibration_bins must be >= 2")
+        if self.risk_category not in RISK_CATEGORIES:
+            raise BuildConfigError(
+                f"risk_category must be one of {', '.join(RISK_CATEGORIES)}, "
+                f"got {self.risk_category!r}"
+            )
+        if not isinstance(self.owner, str) or not self.owner.strip() or "\n" in self.owner:
+            raise BuildConfigError(f"owner must be a non-empty single line, got {self.owner!r}")
 
     def lightgbm_params(self) -> dict[str, Any]:
         """LightGBM parameters with the seeds derived from :attr:`seed`."""
