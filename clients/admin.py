@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from riskwire.protos import admin_pb2, admin_pb2_grpc
 
@@ -16,6 +18,16 @@ _CONFIG_FIELDS = (
     "enabled", "primary", "model", "version", "endpoint", "rate_percent", "filter",
     "timeout_s", "endpoint_input", "generation",
 )  # fmt: skip
+_VERSION_FIELDS = (
+    "name", "version", "state", "traffic_percent", "risk_category", "owner", "load_error",
+)  # fmt: skip
+_TRAFFIC_FIELDS = (
+    "name", "primary", "previous", "canary", "canary_weight", "steps", "step_interval_s",
+    "generation", "halted_reason", "loaded",
+)  # fmt: skip
+_TRAFFIC_LISTS = frozenset({"previous", "steps", "loaded"})
+# Loading verifies, compiles and warms a version in every worker: tens of seconds.
+LIFECYCLE_TIMEOUT_S = 120.0
 
 
 def _number(value: float) -> float | None:
@@ -27,8 +39,34 @@ def config_dict(message: admin_pb2.ShadowConfig) -> dict[str, Any]:
     return {name: getattr(message, name) for name in _CONFIG_FIELDS}
 
 
+def traffic_dict(message: admin_pb2.TrafficState) -> dict[str, Any]:
+    """A TrafficState message as a plain dict (repeated fields as lists)."""
+    return {
+        name: list(getattr(message, name)) if name in _TRAFFIC_LISTS else getattr(message, name)
+        for name in _TRAFFIC_FIELDS
+    }
+
+
+def version_dict(message: admin_pb2.ModelVersionInfo) -> dict[str, Any]:
+    """A ModelVersionInfo message as a plain dict (metrics as a dict, workers as a list)."""
+    out = {name: getattr(message, name) for name in _VERSION_FIELDS}
+    out["metrics"] = dict(sorted(message.metrics.items()))
+    out["loaded_in_workers"] = list(message.loaded_in_workers)
+    return out
+
+
+def change_dict(message: admin_pb2.ModelsChange) -> dict[str, Any]:
+    """A ModelsChange message as ``{"traffic": traffic dict, "message": str}``."""
+    return {"traffic": traffic_dict(message.traffic), "message": message.message}
+
+
 class AdminClient:
-    """Shadow configuration and status of a running server."""
+    """Shadow configuration and status, and the model lifecycle, of a running server.
+
+    The lifecycle calls that change something wait up to ``timeout_s``, by default
+    ``max(self.timeout_s, LIFECYCLE_TIMEOUT_S)``: the server answers once every worker
+    has loaded (and warmed) the version.
+    """
 
     def __init__(
         self,
@@ -102,6 +140,75 @@ class AdminClient:
             "workers": workers,
             "records_dir": response.records_dir,
         }
+
+    def list_models(self, name: str = "", *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Every version of ``name`` (empty: of every model) and each model's traffic."""
+        response = self._stub.ListModels(
+            admin_pb2.ListModelsRequest(name=name),
+            timeout=self.timeout_s if timeout_s is None else timeout_s,
+        )
+        return {
+            "versions": [version_dict(v) for v in response.versions],
+            "traffic": [traffic_dict(t) for t in response.traffic],
+        }
+
+    def load_model(
+        self, name: str, version: str, *, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Load (verify, compile, warm) a version in every worker; serving is untouched."""
+        request = admin_pb2.ModelVersionRequest(name=name, version=version)
+        return self._change(self._stub.LoadModel, request, timeout_s)
+
+    def unload_model(
+        self, name: str, version: str, *, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Unload a version that takes no traffic."""
+        request = admin_pb2.ModelVersionRequest(name=name, version=version)
+        return self._change(self._stub.UnloadModel, request, timeout_s)
+
+    def promote(
+        self, name: str, version: str, *, force: bool = False, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Make a version the primary in every worker; ``force`` skips the governance gate."""
+        request = admin_pb2.PromoteRequest(name=name, version=version, force=force)
+        return self._change(self._stub.Promote, request, timeout_s)
+
+    def rollback(self, name: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Back to the previous primary."""
+        return self._change(self._stub.Rollback, admin_pb2.ModelRequest(name=name), timeout_s)
+
+    def set_canary(
+        self,
+        name: str,
+        version: str,
+        weight_percent: float,
+        *,
+        steps: Sequence[float] = (),
+        step_interval_s: float = 0.0,
+        force: bool = False,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Send ``weight_percent`` of cards to ``version`` (0 ends the canary), then, with
+        ``steps``, raise the weight to each step every ``step_interval_s``."""
+        request = admin_pb2.CanaryRequest(
+            name=name,
+            version=version,
+            weight_percent=weight_percent,
+            steps=steps,
+            step_interval_s=step_interval_s,
+            force=force,
+        )
+        return self._change(self._stub.SetCanary, request, timeout_s)
+
+    def _change(
+        self,
+        method: Callable[..., admin_pb2.ModelsChange],
+        request: Message,
+        timeout_s: float | None,
+    ) -> dict[str, Any]:
+        if timeout_s is None:
+            timeout_s = max(self.timeout_s, LIFECYCLE_TIMEOUT_S)
+        return change_dict(method(request, timeout=timeout_s))
 
     def close(self) -> None:
         """Close the channel."""

@@ -12,6 +12,11 @@
     riskwire feedback FILE [--target HOST:PORT]
     riskwire alerts list [--models DIR] [--open] [--json]
     riskwire drift status|report …                      (see clients/drift_cli.py)
+    riskwire models list|load|unload|promote|rollback|canary|shadow …  (models_cli.py)
+    riskwire governance check|approve …                 (see clients/governance_cli.py)
+    riskwire keys create|list|revoke …                  (see clients/keys_cli.py)
+    riskwire certs dev [--out DIR]                      (see clients/certs_cli.py)
+    riskwire audit verify|list …                        (see clients/audit_cli.py)
 
 Heavy modules are imported inside each command so ``riskwire --help`` stays fast.
 """
@@ -164,7 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     score_cli.add_score_file_args(score_file)
     score_file.set_defaults(handler=score_cli.cmd_score_file)
 
-    from . import alerts_cli, audit_cli, certs_cli, drift_cli, governance_cli, keys_cli, shadow_cli
+    from . import (
+        alerts_cli,
+        audit_cli,
+        certs_cli,
+        drift_cli,
+        governance_cli,
+        keys_cli,
+        models_cli,
+        shadow_cli,
+    )
 
     shadow_cli.register(commands)
     shadow_cli.register_feedback(commands)
@@ -174,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cli.register(commands)
     certs_cli.register(commands)
     governance_cli.register(commands)
+    models_cli.register(commands)
 
     serve = commands.add_parser("serve", help="serve models over gRPC")
     serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")

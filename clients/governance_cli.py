@@ -9,9 +9,10 @@
 for the package's risk category (see ``riskwire.server.governance``); it exits 0 when
 promotion would be allowed, 1 when not (2: bad arguments or no such package). The target
 environment is the one the server settings resolve to here (``RISKWIRE_*`` variables:
-``auth``, ``tls_cert``, ``shadow_dir``); the primary is ``--primary``, else the highest
-version below the candidate. Paired shadow records of the candidate are counted in the
-shadow directory unless ``--shadow-records`` gives the count.
+``auth``, ``tls_cert``, ``shadow_dir``); the primary is ``--primary``, else the model's
+current primary (``traffic.json``), else the highest version below the candidate. Paired
+shadow records of the candidate are counted in the shadow directory unless
+``--shadow-records`` gives the count.
 
 ``approve`` records an approval of the package's current bytes (its MANIFEST.sha256) in
 ``<models>/.governance/approvals.jsonl`` and the audit log. ``--by`` must be a client with
@@ -124,12 +125,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def default_primary(models: Path, args: argparse.Namespace) -> str | None:
-    """The highest version of the model below the candidate, None when there is none."""
+    """The model's current primary (its traffic configuration), else the highest version
+    below the candidate; None when there is none."""
     from riskwire.pipeline.package import list_versions
     from riskwire.server.governance import GovernanceError
+    from riskwire.server.traffic import read_traffic
 
     if not str(args.version).isdigit():
         raise GovernanceError(f"version {args.version!r}: expected a positive integer")
+    try:
+        traffic = read_traffic(models, args.name)
+    except ValueError as exc:
+        raise GovernanceError(str(exc)) from exc
+    if traffic is not None and traffic.primary != str(args.version):
+        return traffic.primary
     below = [v for v in list_versions(models, args.name) if v < int(args.version)]
     return str(below[-1]) if below else None
 

@@ -6,6 +6,121 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListModelsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ModelVersionInfo(_message.Message):
+    __slots__ = ("name", "version", "state", "traffic_percent", "risk_category", "owner", "metrics", "loaded_in_workers", "load_error")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RISK_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_IN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    state: str
+    traffic_percent: float
+    risk_category: str
+    owner: str
+    metrics: _containers.ScalarMap[str, float]
+    loaded_in_workers: _containers.RepeatedScalarFieldContainer[int]
+    load_error: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., traffic_percent: _Optional[float] = ..., risk_category: _Optional[str] = ..., owner: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loaded_in_workers: _Optional[_Iterable[int]] = ..., load_error: _Optional[str] = ...) -> None: ...
+
+class TrafficState(_message.Message):
+    __slots__ = ("name", "primary", "previous", "canary", "canary_weight", "steps", "step_interval_s", "generation", "halted_reason", "loaded")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    HALTED_REASON_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    primary: str
+    previous: _containers.RepeatedScalarFieldContainer[str]
+    canary: str
+    canary_weight: float
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    step_interval_s: float
+    generation: int
+    halted_reason: str
+    loaded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., primary: _Optional[str] = ..., previous: _Optional[_Iterable[str]] = ..., canary: _Optional[str] = ..., canary_weight: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., step_interval_s: _Optional[float] = ..., generation: _Optional[int] = ..., halted_reason: _Optional[str] = ..., loaded: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("versions", "traffic")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersionInfo]
+    traffic: _containers.RepeatedCompositeFieldContainer[TrafficState]
+    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersionInfo, _Mapping]]] = ..., traffic: _Optional[_Iterable[_Union[TrafficState, _Mapping]]] = ...) -> None: ...
+
+class ModelVersionRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("name", "version", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class CanaryRequest(_message.Message):
+    __slots__ = ("name", "version", "weight_percent", "steps", "step_interval_s", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    weight_percent: float
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    step_interval_s: float
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., weight_percent: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., step_interval_s: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ModelsChange(_message.Message):
+    __slots__ = ("traffic", "message")
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    traffic: TrafficState
+    message: str
+    def __init__(self, traffic: _Optional[_Union[TrafficState, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+
 class GetShadowRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -54,6 +54,36 @@ class AdminStub:
                 request_serializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusRequest.SerializeToString,
                 response_deserializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/riskwire.v1.Admin/ListModels',
+                request_serializer=riskwire_dot_protos_dot_admin__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_admin__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/riskwire.v1.Admin/LoadModel',
+                request_serializer=riskwire_dot_protos_dot_admin__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/riskwire.v1.Admin/UnloadModel',
+                request_serializer=riskwire_dot_protos_dot_admin__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/riskwire.v1.Admin/Promote',
+                request_serializer=riskwire_dot_protos_dot_admin__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/riskwire.v1.Admin/Rollback',
+                request_serializer=riskwire_dot_protos_dot_admin__pb2.ModelRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+                _registered_method=True)
+        self.SetCanary = channel.unary_unary(
+                '/riskwire.v1.Admin/SetCanary',
+                request_serializer=riskwire_dot_protos_dot_admin__pb2.CanaryRequest.SerializeToString,
+                response_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -88,6 +118,49 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Model lifecycle. Every version under models/<name>/ with its state (available,
+        loaded, serving, retired), traffic share, risk category and test metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load (verify, compile, warm) a version in every worker; serving is untouched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a version that takes no traffic (it becomes retired if it ever served).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Blue/green: make a version the primary in all workers (loading it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Back to the previous primary at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCanary(self, request, context):
+        """Canary: a share of cards (sticky by card) goes to a candidate; weight 0 ends it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +183,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DriftStatus,
                     request_deserializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusRequest.FromString,
                     response_serializer=riskwire_dot_protos_dot_admin__pb2.DriftStatusResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=riskwire_dot_protos_dot_admin__pb2.ListModelsRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelVersionRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelVersionRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=riskwire_dot_protos_dot_admin__pb2.PromoteRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=riskwire_dot_protos_dot_admin__pb2.ModelRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.SerializeToString,
+            ),
+            'SetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanary,
+                    request_deserializer=riskwire_dot_protos_dot_admin__pb2.CanaryRequest.FromString,
+                    response_serializer=riskwire_dot_protos_dot_admin__pb2.ModelsChange.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +323,168 @@ class Admin:
             '/riskwire.v1.Admin/DriftStatus',
             riskwire_dot_protos_dot_admin__pb2.DriftStatusRequest.SerializeToString,
             riskwire_dot_protos_dot_admin__pb2.DriftStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Admin/ListModels',
+            riskwire_dot_protos_dot_admin__pb2.ListModelsRequest.SerializeToString,
+            riskwire_dot_protos_dot_admin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Admin/LoadModel',
+            riskwire_dot_protos_dot_admin__pb2.ModelVersionRequest.SerializeToString,
+            riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Admin/UnloadModel',
+            riskwire_dot_protos_dot_admin__pb2.ModelVersionRequest.SerializeToString,
+            riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Admin/Promote',
+            riskwire_dot_protos_dot_admin__pb2.PromoteRequest.SerializeToString,
+            riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Admin/Rollback',
+            riskwire_dot_protos_dot_admin__pb2.ModelRequest.SerializeToString,
+            riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/riskwire.v1.Admin/SetCanary',
+            riskwire_dot_protos_dot_admin__pb2.CanaryRequest.SerializeToString,
+            riskwire_dot_protos_dot_admin__pb2.ModelsChange.FromString,
             options,
             channel_credentials,
             insecure,

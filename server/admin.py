@@ -27,13 +27,15 @@ from riskwire.shadow.config import ShadowConfig, ShadowConfigError, read_control
 
 from .audit import AuditLog
 from .config import Settings
-from .errors import InvalidInputError, ModelNotFoundError
+from .errors import InvalidInputError, ModelNotFoundError, NotReadyError
 from .grpc.reflection import enable_reflection
 from .grpc.status import unary
+from .lifecycle import Lifecycle
 from .monitoring.alerts import Measurement
 from .monitoring.drift import DriftMonitor, pid_alive
 from .request_log import CALL
 from .security import peer_host
+from .traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,14 @@ def _from_proto(message: admin_pb2.ShadowConfig) -> ShadowConfig:
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Shadow configuration and status for the whole server."""
 
-    def __init__(self, settings: Settings, run_dir: Path, drift: DriftMonitor | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        run_dir: Path,
+        drift: DriftMonitor | None,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
+        self._lifecycle = lifecycle
         self._settings = settings
         self._control = run_dir / CONTROL_FILE
         self._stats_dir = run_dir / STATS_DIR
@@ -141,7 +150,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @unary
     def SetShadow(self, request, context):
         config = _from_proto(request)
-        client = getattr(CALL, "client", "") or peer_host(context.peer())
+        client = _client(context)
         try:
             check_local_target(Path(self._settings.models), config, self._settings.default_model)
             stored = write_control(self._control, config)
@@ -151,6 +160,48 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._audit("shadow.set", client, stored.to_json(), "ok")
         log.info("shadow configuration %d: %s", stored.generation, stored.to_json())
         return _to_proto(stored)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _models(self) -> Lifecycle:
+        if self._lifecycle is None:
+            raise NotReadyError("model lifecycle is not available on this server")
+        return self._lifecycle
+
+    @unary
+    def ListModels(self, request, context):
+        versions, traffics = self._models().list_models(request.name)
+        response = admin_pb2.ListModelsResponse(traffic=[_traffic_proto(t) for t in traffics])
+        for v in versions:
+            response.versions.add(**v)
+        return response
+
+    @unary
+    def LoadModel(self, request, context):
+        return _change(*self._models().load(request.name, request.version, _client(context)))
+
+    @unary
+    def UnloadModel(self, request, context):
+        return _change(*self._models().unload(request.name, request.version, _client(context)))
+
+    @unary
+    def Promote(self, request, context):
+        change = self._models().promote(
+            request.name, request.version, _client(context), force=request.force
+        )
+        return _change(*change)
+
+    @unary
+    def Rollback(self, request, context):
+        return _change(*self._models().rollback(request.name, _client(context)))
+
+    @unary
+    def SetCanary(self, request, context):
+        change = self._models().set_canary(
+            request.name, request.version, request.weight_percent, _client(context),
+            steps=tuple(request.steps), step_interval_s=request.step_interval_s,
+            force=request.force,
+        )  # fmt: skip
+        return _change(*change)
 
     def _audit(self, action: str, client: str, arguments: str, result: str) -> None:
         try:
@@ -206,6 +257,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return response
 
 
+def _client(context: grpc.ServicerContext) -> str:
+    """The admitted client id (with auth), else the peer's address."""
+    return getattr(CALL, "client", "") or peer_host(context.peer())
+
+
+def _traffic_proto(traffic: Traffic) -> admin_pb2.TrafficState:
+    return admin_pb2.TrafficState(
+        name=traffic.name, primary=traffic.primary, previous=list(traffic.previous),
+        canary=traffic.canary, canary_weight=traffic.canary_weight, steps=list(traffic.steps),
+        step_interval_s=traffic.step_interval_s, generation=traffic.generation,
+        halted_reason=traffic.halted_reason, loaded=list(traffic.loaded),
+    )  # fmt: skip
+
+
+def _change(traffic: Traffic, message: str) -> admin_pb2.ModelsChange:
+    return admin_pb2.ModelsChange(traffic=_traffic_proto(traffic), message=message)
+
+
 def _drift_status(
     drift: DriftMonitor | None, model: str, window: str
 ) -> admin_pb2.DriftStatusResponse:
@@ -248,7 +317,10 @@ def _drift_status(
 
 
 def start_admin_server(
-    settings: Settings, run_dir: Path, drift: DriftMonitor | None = None
+    settings: Settings,
+    run_dir: Path,
+    drift: DriftMonitor | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve the Admin API (plus health and reflection); returns the server and its port."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -261,7 +333,9 @@ def start_admin_server(
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"),
         options=[("grpc.so_reuseport", 0)],  # a second server must not share this port
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(settings, run_dir, drift), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(settings, run_dir, drift, lifecycle), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([ADMIN_SERVICE, health.SERVICE_NAME], server)

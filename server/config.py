@@ -107,6 +107,13 @@ class Settings:
     rate_limits: str = ""  # per client "default=1000/2000; payments=5000/10000" (rate/burst)
     rate_limit_slots: int = 16384  # clients tracked at once (shared by all workers)
     audit_log: str = ""  # hash-chained admin audit log; "" = <models>/.audit/audit.jsonl
+    # Automatic canary guards (over the calls since the current step began).
+    canary_eval_s: float = 1.0
+    canary_max_error_rate: float = 0.01  # server errors per call
+    canary_max_p99_ratio: float = 3.0  # canary p99 / primary p99
+    canary_max_score_psi: float = 0.25  # output-score drift of the canary
+    canary_max_disagreement: float = 0.2  # decisions differing from the primary's (shadow)
+    canary_min_calls: int = 20  # calls on the canary before a verdict or a step
     # Control plane (admin API, in the supervisor). 0 = any free port (logged).
     admin_host: str = "127.0.0.1"
     admin_port: int = 50052
@@ -210,6 +217,8 @@ class Settings:
             certificate_roles(self.tls_client_roles)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        if self.canary_eval_s <= 0 or self.canary_min_calls < 1:
+            raise SettingsError("canary_eval_s must be > 0 and canary_min_calls >= 1")
         if self.rate_limit_slots < 8:
             raise SettingsError(f"rate_limit_slots must be >= 8, got {self.rate_limit_slots}")
         if self.profile == "prod" and not (self.tls_cert and self.auth):

@@ -22,6 +22,7 @@ from riskwire.kernels.schema import NUM_FEATURES
 from .errors import InvalidInputError, OutputValidationError
 from .registry import ModelRegistry, ModelRuntime
 from .request_log import CALL
+from .traffic import canary_buckets
 from .validation import OUTPUT_INVALID, ValidationPolicy
 
 MAX_TOP_REASONS = 10
@@ -78,6 +79,7 @@ class ScoreOutcome:
     decision: str
     reasons: list[tuple[str, float, float]]  # (feature, contribution, value)
     flags: tuple[str, ...] = ()  # validation findings under the "flag" policy
+    model: ModelRuntime | None = None  # the version that answered
 
 
 @dataclass(slots=True)
@@ -89,6 +91,8 @@ class BatchOutcome:
     reasons: list[list[tuple[str, float, float]]] | None
     errors: dict[int, InvalidInputError]
     flags: list[tuple[str, ...]]  # per row
+    versions: np.ndarray | None = None  # per row, when a canary answered some rows
+    model: ModelRuntime | None = None  # the version that answered (all rows)
 
 
 class _Scratch(threading.local):
@@ -175,6 +179,7 @@ class DataPlane:
         field_prefix: str = "transaction.",
         request_id: str = "",
         transaction_id: str = "",
+        route: bool = True,
     ) -> ScoreOutcome:
         """Score one transaction, updating its card's state (``field_prefix`` starts the
         field names in error messages); mirror it to the shadow if one is active."""
@@ -182,7 +187,10 @@ class DataPlane:
         _check_row(card_id, merchant_id, amount, event_time_ms, field_prefix)
         scratch = self._scratch
         tx = scratch.tx
-        tx.card_key[0] = encoding.hash64(card_id)
+        tx.card_key[0] = card_key = encoding.hash64(card_id)
+        if route:  # a canary answers its cards (the call named no version)
+            model = self.registry.route(model, card_key)
+        CALL.model = model
         tx.merchant_key[0] = encoding.hash64(merchant_id)
         tx.event_time_ms[0] = event_time_ms or self._clock_ms()
         tx.amount[0] = amount
@@ -272,7 +280,7 @@ class DataPlane:
                 t_recorded,
                 time.perf_counter(),
             )
-        return ScoreOutcome(probability, decision, reasons, flags)
+        return ScoreOutcome(probability, decision, reasons, flags, model)
 
     def _invalid_output(self, probability: float, model: ModelRuntime) -> ScoreOutcome:
         """A probability outside [0, 1]: INTERNAL, or the configured fail-safe decision."""
@@ -284,7 +292,7 @@ class DataPlane:
         if policy is not None:
             policy.output_invalid(message)
             if policy.output_failsafe:
-                return ScoreOutcome(math.nan, policy.output_failsafe, [], (OUTPUT_INVALID,))
+                return ScoreOutcome(math.nan, policy.output_failsafe, [], (OUTPUT_INVALID,), model)
         raise OutputValidationError(message + "; no decision was made")
 
     def score_batch(
@@ -295,12 +303,14 @@ class DataPlane:
         top_reasons: int = 0,
         all_or_nothing: bool = False,
         request_id: str = "",
+        route: bool = True,
     ) -> BatchOutcome:
         """Score rows in order; invalid rows get an error each and leave the state alone.
 
         With ``all_or_nothing`` the first invalid row raises InvalidInputError before
         any state is touched (tensor APIs, where a request succeeds or fails whole).
-        Scored rows are mirrored to an active shadow as ``<request_id>/<row>``.
+        Scored rows are mirrored to an active shadow as ``<request_id>/<row>``. With
+        ``route`` (the call named no version) a canary answers its cards' rows.
         """
         started = time.perf_counter()
         rows = len(columns["amount"])
@@ -343,6 +353,7 @@ class DataPlane:
                 )
                 if errors and all_or_nothing:
                     raise _whole_request_error(errors)
+        versions = None
         if len(valid):
             stages = self.trace_stages
             if stages:
@@ -350,51 +361,91 @@ class DataPlane:
             features = self._state.update(tx, np.empty((len(valid), NUM_FEATURES)))
             if stages:
                 t_features = time.perf_counter()
-            scores = model.forest.predict(features, num_threads=1)
-            _check_probabilities(scores, model)
-            probabilities[valid] = scores
-            decisions[valid] = model.decisions(scores)
-            if stages:
-                t_predicted = time.perf_counter()
-            if self.predictions is not None:
-                self.predictions.add_many(
-                    request_id, columns.get("transaction_id"), valid,
-                    np.full(len(valid), self._clock_ms()), model.name, model.version,
-                    scores, decisions[valid],
+            groups = self._route_rows(model, tx.card_key, route, all_or_nothing)
+            if len(groups) > 1:
+                versions = np.full(rows, "", dtype=object)
+            for runtime, rows_of in groups:
+                self._score_rows(
+                    runtime, rows_of, valid, features, tx, flagged, columns, probabilities,
+                    decisions, reasons, top_reasons, request_id, started,
                 )  # fmt: skip
-            if self.monitor is not None:
-                self.monitor.record_many(
-                    model.name, model.version, features, tx.card_country, scores, flagged
-                )
-            if reasons is not None:
-                for j, i in enumerate(valid):
-                    reasons[i] = _reasons(model, features[j], top_reasons)
+                if versions is not None:
+                    versions[valid[rows_of]] = runtime.version
             if stages:
-                t_recorded = time.perf_counter()
-            mirror = self.mirror
-            if mirror is not None and mirror.active:
-                mirror.offer_batch(
-                    model.name,
-                    model.version,
-                    request_id,
-                    columns.get("transaction_id"),
-                    tx.event_time_ms,
-                    tx.card_key,
-                    scores,
-                    decisions[valid],
-                    (time.perf_counter() - started) * 1e6 / len(valid),
-                    features,
-                    columns,
-                    valid,
-                    CALL.ids if stages else None,
-                    CALL.client,
-                )
-            if stages:
+                t_done = time.perf_counter()
                 CALL.stages = (
-                    started, t_validated, t_features, t_predicted, t_recorded,
-                    time.perf_counter(),
+                    started, t_validated, t_features, t_done, t_done, time.perf_counter(),
                 )  # fmt: skip
-        return BatchOutcome(probabilities, decisions, reasons, errors, flags)
+        else:
+            groups = [(model, None)]
+        answered = groups[0][0] if len(groups) == 1 else model
+        return BatchOutcome(probabilities, decisions, reasons, errors, flags, versions, answered)
+
+    def _route_rows(
+        self, model: ModelRuntime, card_keys: np.ndarray, route: bool, whole: bool
+    ) -> list[tuple[ModelRuntime, np.ndarray | slice]]:
+        """(version, rows) groups: the canary's cards and the rest. A tensor request
+        (``whole``) goes to one version, chosen by its first card."""
+        registry = self.registry
+        canary = registry.canary_of(model.name) if route else None
+        if canary is None or not registry.is_serving(model):
+            return [(model, slice(None))]
+        if whole:
+            return [(registry.route(model, int(card_keys[0])), slice(None))]
+        to_canary = canary_buckets(card_keys) < canary[1]
+        if not to_canary.any():
+            return [(model, slice(None))]
+        if to_canary.all():
+            return [(canary[0], slice(None))]
+        return [(model, np.flatnonzero(~to_canary)), (canary[0], np.flatnonzero(to_canary))]
+
+    def _score_rows(
+        self, model: ModelRuntime, rows_of: np.ndarray | slice, valid: np.ndarray,
+        features: np.ndarray, tx: TransactionArrays, flagged: np.ndarray, columns: Mapping,
+        probabilities: np.ndarray, decisions: np.ndarray, reasons: list | None,
+        top_reasons: int, request_id: str, started: float,
+    ) -> None:  # fmt: skip
+        """Predict, decide, record and mirror the rows ``rows_of`` (of the valid ones)
+        with one version."""
+        CALL.model = model
+        index = valid[rows_of]
+        rows_features = features[rows_of]
+        scores = model.forest.predict(rows_features, num_threads=1)
+        _check_probabilities(scores, model)
+        probabilities[index] = scores
+        decisions[index] = model.decisions(scores)
+        if self.predictions is not None:
+            self.predictions.add_many(
+                request_id, columns.get("transaction_id"), index,
+                np.full(len(index), self._clock_ms()), model.name, model.version,
+                scores, decisions[index],
+            )  # fmt: skip
+        if self.monitor is not None:
+            self.monitor.record_many(
+                model.name, model.version, rows_features, tx.card_country[rows_of], scores,
+                flagged[rows_of],
+            )  # fmt: skip
+        if reasons is not None:
+            for j, i in enumerate(index):
+                reasons[i] = _reasons(model, rows_features[j], top_reasons)
+        mirror = self.mirror
+        if mirror is not None and mirror.active:
+            mirror.offer_batch(
+                model.name,
+                model.version,
+                request_id,
+                columns.get("transaction_id"),
+                tx.event_time_ms[rows_of],
+                tx.card_key[rows_of],
+                scores,
+                decisions[index],
+                (time.perf_counter() - started) * 1e6 / len(valid),
+                rows_features,
+                columns,
+                index,
+                CALL.ids if self.trace_stages else None,
+                CALL.client,
+            )
 
     def _validate_batch(
         self,

@@ -8,6 +8,7 @@
     │   └── RateLimitedError       RESOURCE_EXHAUSTED (+ retry-after hint)
     ├── UnauthenticatedError       UNAUTHENTICATED   (no valid key or certificate)
     ├── PermissionDeniedError      PERMISSION_DENIED (the caller lacks the role)
+    ├── FailedPreconditionError    FAILED_PRECONDITION (a lifecycle change not possible now)
     ├── DeadlineExpiredError       DEADLINE_EXCEEDED
     └── OutputValidationError      INTERNAL          (a model produced a bad output)
 
@@ -43,6 +44,7 @@ class ErrorCode(Enum):
     INTERNAL = "INTERNAL"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
 
 
 class ServingError(Exception):
@@ -105,6 +107,13 @@ class PermissionDeniedError(ServingError):
     """The caller is known but lacks the role the method needs."""
 
     code = ErrorCode.PERMISSION_DENIED
+
+
+class FailedPreconditionError(ServingError):
+    """The change cannot be made in the current state (e.g. unload the primary, promote
+    a package that fails its governance gate or does not load)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 class DeadlineExpiredError(ServingError):

@@ -1,23 +1,39 @@
 """Loaded models in a worker: one :class:`ModelRuntime` per (name, version).
 
-For now the serving version of a model is its highest integer version; the lifecycle
-work (promote, canary, rollback) replaces :meth:`ModelRegistry.serving_version`.
+A model's serving (primary) version and its canary come from its traffic
+configuration (``server/traffic.py``); without one, the highest version serves.
+:meth:`ModelRegistry.apply` loads, verifies and warms every version a configuration
+needs *before* routing to it, so a version never takes traffic cold, and a version
+that fails to load leaves the routing as it was.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from riskwire.files import write_text_atomic
 from riskwire.kernels.schema import FEATURE_NAMES
 from riskwire.kernels.validate import ValidationSpec
 from riskwire.pipeline.errors import PipelineError
 from riskwire.pipeline.package import ModelPackage, list_versions, load_package
 
 from .errors import ModelNotFoundError, clip
+from .traffic import (
+    Traffic,
+    canary_bucket,
+    canary_threshold,
+    model_names,
+    read_traffic,
+    traffic_stamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +82,35 @@ class ModelRegistry:
     def __init__(
         self, models_dir: Path, default_model: str, *, range_tolerance: float = 0.1
     ) -> None:
-        self._models_dir = models_dir
+        self.models_dir = self._models_dir = Path(models_dir)
         self._range_tolerance = range_tolerance
         self.default_model = default_model
         self._models: dict[tuple[str, str], ModelRuntime] = {}
         self._serving: dict[str, str] = {}
+        # name → (canary runtime, bucket threshold); absent = no canary
+        self._canary: dict[str, tuple[ModelRuntime, int]] = {}
+        self.applied: dict[str, int] = {}  # name → traffic generation in effect
+        # Called with each version loaded at runtime (the drift recorder's sketches).
+        self.on_load: Callable[[ModelRuntime], None] | None = None
+        self.errors: dict[str, str] = {}  # "name/version" → why it could not be loaded
 
     def load_all(self) -> list[ModelRuntime]:
-        """Load the highest version of every model; a broken package is skipped, logged."""
+        """Load every model at its configured traffic (or its highest version); a broken
+        package is skipped, logged."""
         loaded = []
         if not self._models_dir.is_dir():
             return loaded
         for model_dir in sorted(p for p in self._models_dir.iterdir() if p.is_dir()):
+            try:
+                traffic = read_traffic(self._models_dir, model_dir.name)
+            except ValueError as exc:
+                log.error("%s; serving the highest version", exc)
+                traffic = None
+            if traffic is not None:
+                self.apply(traffic, warm=False)
+                if traffic.name in self._serving:
+                    loaded.extend(r for (n, _), r in self._models.items() if n == traffic.name)
+                    continue
             versions = list_versions(self._models_dir, model_dir.name)
             for version in reversed(versions):
                 try:
@@ -110,6 +143,70 @@ class ModelRegistry:
         self._models[(runtime.name, runtime.version)] = runtime
         return runtime
 
+    def apply(self, traffic: Traffic, *, warm: bool = True) -> dict[str, str]:
+        """Make this worker serve ``traffic``: load (and warm) what it needs first, then
+        switch the primary and canary, then drop versions no longer needed. Returns the
+        versions that failed to load (their role keeps its previous version)."""
+        name, failed = traffic.name, {}
+        for version in traffic.needed():
+            if (name, version) in self._models:
+                continue
+            try:
+                runtime = self.load(self._models_dir / name / version)
+                if warm:
+                    runtime.warmup()
+                if self.on_load is not None:
+                    self.on_load(runtime)
+            except (PipelineError, OSError, ValueError) as exc:
+                failed[version] = str(exc)
+                self.errors[f"{name}/{version}"] = str(exc)
+                log.error("model %s version %s not loaded: %s", name, version, exc)
+        if (name, traffic.primary) in self._models:
+            self._serving[name] = traffic.primary
+        canary = self._models.get((name, traffic.canary)) if traffic.canary_active else None
+        if canary is not None:
+            self._canary[name] = (canary, canary_threshold(traffic.canary_weight))
+        else:
+            self._canary.pop(name, None)
+        keep = set(traffic.needed()) | {self._serving.get(name, "")}
+        for key in [k for k in self._models if k[0] == name and k[1] not in keep]:
+            del self._models[key]
+        for version in traffic.needed():
+            if version not in failed:
+                self.errors.pop(f"{name}/{version}", None)
+        self.applied[name] = traffic.generation
+        return failed
+
+    def is_serving(self, runtime: ModelRuntime) -> bool:
+        """Whether ``runtime`` is its model's primary version."""
+        return self._serving.get(runtime.name) == runtime.version
+
+    def canary_of(self, name: str) -> tuple[ModelRuntime, int] | None:
+        """The model's canary and its bucket threshold (None: no canary)."""
+        return self._canary.get(name)
+
+    def route(self, runtime: ModelRuntime, card_key: int) -> ModelRuntime:
+        """The version that answers this card: the canary when the model has one, the
+        call asked for the serving version and the card's bucket is below the weight."""
+        canary = self._canary.get(runtime.name)
+        if canary is None or runtime.version != self._serving.get(runtime.name):
+            return runtime
+        return canary[0] if canary_bucket(card_key) < canary[1] else runtime
+
+    def state(self) -> dict[str, dict]:
+        """What this worker holds: loaded versions, serving, canary (for the control
+        plane)."""
+        loaded: dict[str, list[str]] = {}
+        for n, v in list(self._models):
+            loaded.setdefault(n, []).append(v)
+        return {
+            "loaded": {n: sorted(vs, key=_version_key) for n, vs in loaded.items()},
+            "serving": dict(self._serving),
+            "canary": {n: [r.version, t] for n, (r, t) in self._canary.items()},
+            "generations": dict(self.applied),
+            "errors": dict(self.errors),
+        }
+
     def get(self, name: str = "", version: str = "") -> ModelRuntime:
         """The runtime for a request; empty name/version mean default model/serving version."""
         name = name or self.default_model
@@ -119,7 +216,7 @@ class ModelRegistry:
                 raise self._not_loaded(name)
         runtime = self._models.get((name, version))
         if runtime is None:
-            known = sorted(v for (n, v) in self._models if n == name)
+            known = sorted(v for (n, v) in list(self._models) if n == name)
             if not known:
                 raise self._not_loaded(name)
             raise ModelNotFoundError(
@@ -137,8 +234,76 @@ class ModelRegistry:
 
     def versions(self, name: str) -> list[str]:
         """Loaded versions of a model."""
-        return sorted((v for (n, v) in self._models if n == name), key=int)
+        return sorted((v for (n, v) in list(self._models) if n == name), key=_version_key)
 
     def serving(self) -> list[ModelRuntime]:
         """The serving runtime of every model."""
-        return [self._models[(n, v)] for n, v in sorted(self._serving.items())]
+        return [self._models[(n, v)] for n, v in sorted(list(self._serving.items()))]
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (1 << 62, version)
+
+
+class TrafficWatcher:
+    """Applies changed traffic configurations to this worker's registry (a thread
+    polling the traffic files) and publishes what the worker holds for the control plane
+    (``status_path``, written atomically after every change)."""
+
+    def __init__(
+        self, registry: ModelRegistry, worker: int, status_path: Path, poll_s: float = 0.25
+    ) -> None:
+        self.registry = registry
+        self.worker = worker
+        self.status_path = status_path
+        self.poll_s = poll_s
+        self._stamp: tuple = ()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def start(self) -> None:
+        """Publish the start-up state, then watch."""
+        self._stamp = traffic_stamp(self.registry.models_dir)
+        self.publish()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._stop.set()
+
+    def check(self) -> bool:
+        """Apply what changed since the last check; returns whether anything did."""
+        stamp = traffic_stamp(self.registry.models_dir)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        for name in model_names(self.registry.models_dir):
+            try:
+                traffic = read_traffic(self.registry.models_dir, name)
+            except ValueError as exc:
+                log.error("%s (keeping the current routing)", exc)
+                continue
+            if traffic is not None and self.registry.applied.get(name) != traffic.generation:
+                self.registry.apply(traffic)
+                log.info(
+                    "model %s: primary %s, canary %s at %.2f%% (generation %d)",
+                    name, traffic.primary, traffic.canary or "-", traffic.canary_weight,
+                    traffic.generation,
+                )  # fmt: skip
+        self.publish()
+        return True
+
+    def publish(self) -> None:
+        """Write this worker's model state (atomically)."""
+        payload = {"worker": self.worker, "pid": os.getpid(), **self.registry.state()}
+        try:
+            write_text_atomic(self.status_path, json.dumps(payload))
+        except OSError as exc:
+            log.error("model status %s: %s", self.status_path, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a bad change must not stop the watcher
+                log.exception("applying a traffic change failed")

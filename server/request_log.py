@@ -41,6 +41,7 @@ class _Call(threading.local):
     stages: tuple[float, ...] | None = None  # the dataplane's stage clock readings
     ids: tuple | None = None  # the span ids of the call (tracing on)
     client: str = ""  # the admitted client id (a gate configured)
+    model: Any = None  # the version routed to (counts a failed call against it)
 
 
 CALL = _Call()
@@ -208,13 +209,9 @@ class RequestLog:
             calls += [(item[1], item[2], item[4], item[5]) for item in items]
             if calls:
                 metrics.add_calls(
-                    [
-                        (method, status, getattr(response, "model_name", ""),
-                         getattr(response, "model_version", ""))
-                        for method, status, _, response in calls
-                    ],
+                    [(method, status, *_model_of(subject)) for method, status, _, subject in calls],
                     [call[2] for call in calls],
-                )  # fmt: skip
+                )
             metrics.maybe_publish()
         if not items:
             return
@@ -243,6 +240,15 @@ class RequestLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink(missing_ok=True)
+
+
+def _model_of(subject: Any) -> tuple[str, str]:
+    """(model, version) of a response, or of the ModelRuntime a failed call was routed
+    to; ("", "") when neither is known."""
+    name = getattr(subject, "model_name", None)
+    if name is not None:
+        return name, subject.model_version
+    return getattr(subject, "name", ""), getattr(subject, "version", "")
 
 
 def _stage_events(

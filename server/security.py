@@ -40,8 +40,9 @@ METHOD_ROLES: dict[str, str] = {
     "ModelInfer": "score", "ModelStreamInfer": "score",
     "Feedback": "feedback",
     "ServerMetadata": "read", "ModelMetadata": "read", "ModelConfig": "read",
-    "GetShadow": "read", "ShadowStatus": "read", "DriftStatus": "read",
-    "SetShadow": "admin",
+    "GetShadow": "read", "ShadowStatus": "read", "DriftStatus": "read", "ListModels": "read",
+    "SetShadow": "admin", "LoadModel": "admin", "UnloadModel": "admin", "Promote": "admin",
+    "Rollback": "admin", "SetCanary": "admin",
     "ServerLive": OPEN, "ServerReady": OPEN, "ModelReady": OPEN,
 }  # fmt: skip
 # Roles that also grant a "read" method: a scoring client may ask for model metadata

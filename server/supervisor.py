@@ -38,9 +38,11 @@ from .admin import (
     shadow_config_from_settings,
     start_admin_server,
 )
+from .audit import AuditLog
 from .config import Settings, SettingsError, replace
 from .errors import ModelNotFoundError
-from .monitoring.alerts import engine_from_config
+from .lifecycle import CanaryGuards, Lifecycle, new_alert_id
+from .monitoring.alerts import AlertEvent, append_incident, engine_from_config
 from .monitoring.drift import DriftMonitor, alert_config
 from .monitoring.metrics import (
     METRICS_DIR,
@@ -54,7 +56,13 @@ from .monitoring.metrics import (
 from .monitoring.recorder import parse_windows
 from .ratelimit import SharedRateLimiter, parse_rate_limits
 from .state import SharedCardState
-from .worker import WorkerFailed, WorkerReady, configure_logging, run_worker
+from .worker import (
+    MODELS_STATUS_DIR,
+    WorkerFailed,
+    WorkerReady,
+    configure_logging,
+    run_worker,
+)
 
 log = logging.getLogger("riskwire.supervisor")
 SHADOW_PAIR_LABELS = (
@@ -107,6 +115,8 @@ class Supervisor:
         self._own_run_dir = False
         self.admin_port: int | None = None
         self.metrics_port: int | None = None
+        self.merged: MergedMetrics | None = None
+        self.lifecycle: Lifecycle | None = None
         self.drift: DriftMonitor | None = None
 
     def run(self) -> int:
@@ -130,9 +140,12 @@ class Supervisor:
         try:
             run_dir = self._prepare_run_dir()
             self.drift = self._drift_monitor(run_dir)
-            admin, self.admin_port = start_admin_server(self.settings, run_dir, self.drift)
-            log.info("admin API on %s:%d", settings.admin_host, self.admin_port)
             metrics_endpoint, pusher = self._start_metrics(run_dir)
+            self.lifecycle = self._lifecycle(run_dir)
+            admin, self.admin_port = start_admin_server(
+                self.settings, run_dir, self.drift, self.lifecycle
+            )
+            log.info("admin API on %s:%d", settings.admin_host, self.admin_port)
             for slot in self._slots:
                 self._start(slot)
             self._loop()
@@ -174,12 +187,50 @@ class Supervisor:
             min_labels=settings.performance_min_labels,
         )
 
+    def _lifecycle(self, run_dir: Path) -> Lifecycle:
+        """Model lifecycle changes, with the guards of automatic canaries."""
+        settings = self.settings
+        drift = self.drift
+
+        def alert(model: str, version: str, rule: str, value: float, message: str) -> None:
+            if drift is None:
+                return
+            now = time.time()
+            event = AlertEvent(
+                id=new_alert_id(), state="firing", rule=rule, severity="critical",
+                model=model, version=version, window="", measure="canary_guard", column="",
+                value=value, op=">", threshold=0.0, started_at=now, at=now, message=message,
+            )  # fmt: skip
+            append_incident(drift.engine.incident_log, event)
+            drift.engine.router.send(event)
+
+        return Lifecycle(
+            Path(settings.models),
+            run_dir / MODELS_STATUS_DIR,
+            live_pids=lambda: {
+                s.process.pid for s in self._slots if s.process is not None and s.ready
+            },
+            audit=AuditLog(settings.audit_path),
+            environment={"auth": settings.auth, "tls": bool(settings.tls_cert)},
+            guards=CanaryGuards(
+                max_error_rate=settings.canary_max_error_rate,
+                max_p99_ratio=settings.canary_max_p99_ratio,
+                max_score_psi=settings.canary_max_score_psi,
+                max_disagreement=settings.canary_max_disagreement,
+                min_calls=settings.canary_min_calls,
+            ),
+            metrics=self.merged.collect if self.merged is not None else None,
+            drift_rows=(lambda: drift.latest()[0]) if drift is not None else None,
+            shadow_pairs=lambda: read_worker_stats(run_dir / STATS_DIR)[1],
+            alert=alert,
+        )
+
     def _start_metrics(self, run_dir: Path):  # noqa: ANN202
         """The merged metrics' Prometheus endpoint and OTLP pusher (either may be None)."""
         settings = self.settings
         if not settings.metrics:
             return None, None
-        merged = MergedMetrics(run_dir / METRICS_DIR, extra=self._metric_series)
+        merged = self.merged = MergedMetrics(run_dir / METRICS_DIR, extra=self._metric_series)
         endpoint = pusher = None
         try:
             endpoint, self.metrics_port = start_prometheus_endpoint(
@@ -272,7 +323,7 @@ class Supervisor:
             run_dir = Path(tempfile.mkdtemp(prefix="riskwire-run-"))
             self._own_run_dir = True
             self.settings = replace(self.settings, run_dir=str(run_dir))
-        for folder in (STATS_DIR, DRIFT_DIR, METRICS_DIR):
+        for folder in (STATS_DIR, DRIFT_DIR, METRICS_DIR, MODELS_STATUS_DIR):
             for stale in (run_dir / folder).glob("*.json"):
                 stale.unlink()
         settings = self.settings
@@ -310,6 +361,7 @@ class Supervisor:
         settings = self.settings
         next_snapshot = time.monotonic() + settings.snapshot_interval_s
         next_drift = time.monotonic() + settings.drift_eval_s
+        next_canary = time.monotonic() + settings.canary_eval_s
         announced = False
         while not self._stopping and self._failed is None:
             sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
@@ -332,6 +384,12 @@ class Supervisor:
                     self.drift.evaluate()
                 except Exception:  # noqa: BLE001 - monitoring must never stop serving
                     log.exception("drift evaluation failed")
+            if self.lifecycle is not None and now >= next_canary:
+                next_canary = now + settings.canary_eval_s
+                try:
+                    self.lifecycle.tick()
+                except Exception:  # noqa: BLE001 - a guard failure must never stop serving
+                    log.exception("canary evaluation failed")
             if settings.snapshot_interval_s > 0 and now >= next_snapshot:
                 self._snapshot()
                 next_snapshot = now + settings.snapshot_interval_s

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 SERVICE_NAMES = ("riskwire.v1.Scoring", "inference.GRPCInferenceService")
+MODELS_STATUS_DIR = "models"  # under the run dir: each worker's loaded versions
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,16 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     mirror = _start_mirror(worker_id, settings, registry)
     policy = _validation_policy(settings)
     recorder = _start_recorder(worker_id, settings, runtimes, policy)
+    if recorder is not None:  # versions loaded later (promote, canary) are sketched too
+        registry.on_load = lambda r: recorder.add_model(r.name, r.version, r.package.profile)
+    from .registry import TrafficWatcher
+
+    watcher = TrafficWatcher(
+        registry,
+        worker_id,
+        Path(settings.run_dir) / MODELS_STATUS_DIR / f"worker-{worker_id}-{os.getpid()}.json",
+    )
+    watcher.start()
     predictions = _start_prediction_log(worker_id, settings)
     request_log = _start_request_log(worker_id, settings, _observer(mirror, predictions, policy))
     dataplane = DataPlane(

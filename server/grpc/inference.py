@@ -121,8 +121,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return self._dataplane.model(name, version)
 
     def _score_single(
-        self, model: ModelRuntime, columns: dict, request_id: str
-    ) -> tuple[list, list, list]:
+        self, model: ModelRuntime, columns: dict, request_id: str, route: bool
+    ) -> tuple[list, list, list, ModelRuntime]:
         transaction_ids = columns.get("transaction_id")
         outcome = self._dataplane.score_one(
             model,
@@ -131,8 +131,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             field_prefix="row 0: input ",
             request_id=request_id,
             transaction_id=transaction_ids[0] if transaction_ids else "",
+            route=route,
         )
-        return [outcome.probability], [outcome.decision], [outcome.flags]
+        return [outcome.probability], [outcome.decision], [outcome.flags], outcome.model or model
 
     def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         dataplane = self._dataplane
@@ -152,15 +153,18 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             flags = outcome.flags
         else:
             columns, rows = decode_inputs(request, dataplane.max_batch_rows)
+            route = not request.model_version  # a canary may answer (by the first card)
             if rows == 1:  # the common online case: the allocation-free single-row path
-                probabilities, decisions, flags = self._score_single(model, columns, request_id)
+                probabilities, decisions, flags, model = self._score_single(
+                    model, columns, request_id, route
+                )
             else:
                 # All or nothing: a tensor request with a bad row must not touch card state.
                 outcome = dataplane.score_batch(
-                    model, columns, all_or_nothing=True, request_id=request_id
+                    model, columns, all_or_nothing=True, request_id=request_id, route=route
                 )
                 probabilities, decisions = outcome.probabilities, outcome.decisions
-                flags = outcome.flags
+                flags, model = outcome.flags, outcome.model or model
         shape = [rows, 1] if len(request.inputs[0].shape) == 2 else [rows]
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request_id

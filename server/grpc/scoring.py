@@ -81,14 +81,16 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             top_reasons=dataplane.top_reasons_wanted(request.top_reasons),
             request_id=request_id,
             transaction_id=t.transaction_id,
+            route=not request.model_version,
         )
+        answered = outcome.model or model  # the canary, for its cards
         return _Response(
             request_id=request_id,
             transaction_id=t.transaction_id,
             probability=outcome.probability,
             decision=DECISIONS[outcome.decision],
-            model_name=model.name,
-            model_version=model.version,
+            model_name=answered.name,
+            model_version=answered.version,
             reasons=_reason_messages(outcome.reasons),
             flags=outcome.flags,
         )
@@ -107,8 +109,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
         transactions = request.transactions
         request_id = request.request_id or self._ids.next()
         outcome = dataplane.score_batch(
-            model, transaction_columns(transactions), top_reasons=top, request_id=request_id
+            model,
+            transaction_columns(transactions),
+            top_reasons=top,
+            request_id=request_id,
+            route=not request.model_version,
         )
+        answered = outcome.model or model
+        versions = outcome.versions  # per row when a canary answered some of them
         results = []
         for i, t in enumerate(transactions):
             error = outcome.errors.get(i)
@@ -127,7 +135,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
                     probability=outcome.probabilities[i],
                     decision=DECISIONS[outcome.decisions[i]],
                     model_name=model.name,
-                    model_version=model.version,
+                    model_version=answered.version if versions is None else versions[i],
                     reasons=_reason_messages(outcome.reasons[i]) if outcome.reasons else (),
                     flags=outcome.flags[i],
                 )
@@ -135,7 +143,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
         return scoring_pb2.ScoreBatchResponse(
             request_id=request_id,
             model_name=model.name,
-            model_version=model.version,
+            model_version=answered.version,
             results=results,
         )
 

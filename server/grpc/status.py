@@ -43,6 +43,7 @@ GRPC_CODES: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
     ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 # google.rpc.Code numbers, for per-item errors inside batch and stream responses.
 RPC_CODE_NUMBERS: dict[ErrorCode, int] = {code: GRPC_CODES[code].value[0] for code in ErrorCode}
@@ -106,6 +107,7 @@ def unary(method: Handler) -> Handler:
         in_flight = request_log.in_flight
         in_flight.append(None)
         lines, tracing = request_log.lines, request_log.tracing
+        CALL.model = None
         if tracing is not None:  # the span's ids now: shadow scoring links to them
             CALL.stages = None
             traceparent = traceparent_of(context.invocation_metadata())
@@ -124,7 +126,9 @@ def unary(method: Handler) -> Handler:
             if service is not None and status == "OK":
                 service.observe(latency)
             if not lines:  # metrics only: no line, no span
-                request_log.count(name, status, latency, response)
+                request_log.count(
+                    name, status, latency, response if response is not None else CALL.model
+                )
             else:
                 if tracing is None:
                     traceparent = traceparent_of(context.invocation_metadata())
@@ -133,8 +137,9 @@ def unary(method: Handler) -> Handler:
                     marks = CALL.stages
                     CALL.ids = None
                 client = CALL.client if _gate is not None else ""
+                subject = response if response is not None else CALL.model
                 request_log.add(
-                    traceparent, name, status, started, latency, response, t0, marks, client,
+                    traceparent, name, status, started, latency, subject, t0, marks, client,
                     ids,
                 )  # fmt: skip
 
