@@ -204,7 +204,8 @@ def test_a_bad_automatic_canary_is_rolled_back_by_its_guard(start_server, models
         admin.set_canary("fraud", "3", 20, steps=(50, 100), step_interval_s=3.0)
         traffic = wait_until(
             lambda: (t := read_traffic(models, "fraud")) and t.halted_reason and t,
-            timeout_s=60, what="the canary guard to halt v3",
+            timeout_s=60,
+            what="the canary guard to halt v3",
         )
         time.sleep(1.0)  # every worker polls the configuration within 0.25 s
         started = len(load.results)
