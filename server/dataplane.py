@@ -21,7 +21,7 @@ from riskwire.kernels.schema import NUM_FEATURES
 
 from .errors import InvalidInputError, OutputValidationError
 from .registry import ModelRegistry, ModelRuntime
-from .request_log import CALL
+from .request_log import CALL, call_ids
 from .traffic import canary_buckets
 from .validation import OUTPUT_INVALID, ValidationPolicy
 
@@ -114,6 +114,15 @@ class _Scratch(threading.local):
         self.top_index = np.zeros(MAX_TOP_REASONS, np.int64)
         self.top_value = np.zeros(MAX_TOP_REASONS, np.float64)
         self.contributions = np.zeros(NUM_FEATURES + 1, np.float64)
+
+
+def _mirrored_call_ids() -> tuple:
+    """The span ids of the call being served, chosen now (it is being mirrored: its
+    shadow span links to them) and kept for its server span."""
+    ids = CALL.ids
+    if ids is None:
+        ids = CALL.ids = call_ids(CALL.traceparent)
+    return ids
 
 
 def _now_ms() -> int:
@@ -268,7 +277,7 @@ class DataPlane:
                 (time.perf_counter() - started) * 1e6,
                 row.copy(),
                 (channel, country, card_country, currency, mcc, amount),
-                CALL.ids if stages else None,
+                _mirrored_call_ids() if stages else None,
                 CALL.client,
             )
         if stages:
@@ -443,7 +452,7 @@ class DataPlane:
                 rows_features,
                 columns,
                 index,
-                CALL.ids if self.trace_stages else None,
+                _mirrored_call_ids() if self.trace_stages else None,
                 CALL.client,
             )
 

@@ -42,6 +42,7 @@ class _Call(threading.local):
     ids: tuple | None = None  # the span ids of the call (tracing on)
     client: str = ""  # the admitted client id (a gate configured)
     model: Any = None  # the version routed to (counts a failed call against it)
+    traceparent: str = ""  # the caller's W3C traceparent (tracing on)
 
 
 CALL = _Call()
@@ -62,6 +63,14 @@ def parse_traceparent(value: str) -> tuple[str, str, bool] | None:
     if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
         return None
     return trace_id, parent_id, bool(int(flags, 16) & 1)
+
+
+def call_ids(traceparent: str) -> tuple[int, int, tuple[str, str, bool] | None]:
+    """(trace id, span id, parsed caller context) of a call's server span: the caller's
+    trace when it sent one, else a new trace."""
+    parent = parse_traceparent(traceparent) if traceparent else None
+    trace_id = int(parent[0], 16) if parent else random.getrandbits(128) or 1
+    return trace_id, random.getrandbits(64) or 1, parent
 
 
 def new_id(bits: int) -> str:
@@ -160,7 +169,9 @@ class RequestLog:
         """Only the span of a call (when its sampling keeps it)."""
         traceparent, method, status, started, latency_s, response, t0, stages, client, ids = item
         tracing = self.tracing
-        assert tracing is not None and ids is not None
+        assert tracing is not None
+        if ids is None:  # not mirrored: the span's ids are chosen now
+            ids = call_ids(traceparent)
         context = ids[2]
         if tracing.keep(context, status, latency_s, ids[0]):
             outcome = _outcome(response, client)
@@ -172,7 +183,9 @@ class RequestLog:
         traceparent, method, status, started, latency_s, response, t0, stages, client, ids = item
         outcome = _outcome(response, client)
         tracing = self.tracing
-        if tracing is not None and ids is not None:
+        if tracing is not None:
+            if ids is None:
+                ids = call_ids(traceparent)
             context = ids[2]
             if tracing.keep(context, status, latency_s, ids[0]):
                 attributes = {f"riskwire.{k}": v for k, v in outcome.items()}

@@ -13,7 +13,6 @@ Exporters: ``console``, ``jsonl`` (one OTLP-JSON-like span per line in a file),
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import (
@@ -37,7 +37,6 @@ from opentelemetry.trace.status import Status, StatusCode
 from riskwire import __version__
 
 from .monitoring.metrics import GRPC_CODES, grpc_service
-from .request_log import parse_traceparent
 
 MAX_LINKS = 128  # the SDK's default link limit per span
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -47,20 +46,23 @@ EXPORTERS = ("console", "jsonl", "otlp-grpc", "otlp-http")
 
 
 class JsonLinesSpanExporter(SpanExporter):
-    """Appends every span as one JSON object per line (for tests and air-gapped sites)."""
+    """Appends every span as one JSON object per line (for tests and air-gapped sites).
+
+    Encoded with orjson: at 100% sampling the standard library's encoder alone cost
+    about 10 µs of every ~110 µs call (it runs on a thread of the worker, under its GIL).
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._resources: dict[int, tuple[Resource, str]] = {}
+        self._resources: dict[int, tuple[Resource, dict]] = {}
 
-    def _resource_json(self, resource: Resource) -> str:
-        """``,"resource":{…}}`` — the same few attributes on every span: encoded once."""
+    def _resource(self, resource: Resource) -> dict:
+        """The resource's attributes as a dict (the same few on every span: made once)."""
         cached = self._resources.get(id(resource))
         if cached is None or cached[0] is not resource:
-            text = json.dumps(dict(resource.attributes), separators=(",", ":"))
-            cached = self._resources[id(resource)] = (resource, f',"resource":{text}}}')
+            cached = self._resources[id(resource)] = (resource, dict(resource.attributes))
         return cached[1]
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -69,7 +71,7 @@ class JsonLinesSpanExporter(SpanExporter):
             context = span.context
             parent = span.parent
             lines.append(
-                json.dumps(
+                orjson.dumps(
                     {
                         "name": span.name,
                         "kind": span.kind.name,
@@ -95,13 +97,13 @@ class JsonLinesSpanExporter(SpanExporter):
                             for e in span.events
                         ],  # fmt: skip
                         "attributes": dict(span.attributes or {}),
+                        "resource": self._resource(span.resource),
                     },
-                    separators=(",", ":"),
-                )[:-1]
-                + self._resource_json(span.resource)
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
             )
-        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
+        with self._lock, open(self.path, "ab") as handle:
+            handle.write(b"".join(lines))
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -179,14 +181,6 @@ class Tracing:
         self.slow_s = slow_ms / 1000.0
         self._ratio_bound = int(sample_ratio * (1 << 64))
 
-    @staticmethod
-    def call_ids(traceparent: str) -> CallIds:
-        """Ids of a call's server span, chosen when it starts (hot path, tracing on), so
-        its shadow scoring can link to it before the span itself is built."""
-        parent = parse_traceparent(traceparent) if traceparent else None
-        trace_id = int(parent[0], 16) if parent else random.getrandbits(128) or 1
-        return trace_id, random.getrandbits(64) or 1, parent
-
     def ratio_keeps(self, trace_id: int) -> bool:
         """The ratio part of sampling, decided by the trace id (like TraceIdRatioBased),
         so the server span and the shadow span of one trace agree."""
@@ -222,7 +216,7 @@ class Tracing:
         """Record one finished call as a SERVER span, with one event per stage
         ((name, offset, duration) in seconds from the call's start); returns its span id
         (hex)."""
-        if ids is None:
+        if ids is None:  # a caller that chose none: a new span of the caller's trace
             ids = (int(parent[0], 16) if parent else random.getrandbits(128) or 1,
                    random.getrandbits(64) or 1, parent)  # fmt: skip
         remote = None

@@ -108,10 +108,9 @@ def unary(method: Handler) -> Handler:
         in_flight.append(None)
         lines, tracing = request_log.lines, request_log.tracing
         CALL.model = None
-        if tracing is not None:  # the span's ids now: shadow scoring links to them
-            CALL.stages = None
-            traceparent = traceparent_of(context.invocation_metadata())
-            CALL.ids = ids = tracing.call_ids(traceparent)
+        if tracing is not None:  # for the span: its caller and the dataplane's stages
+            CALL.stages = CALL.ids = None
+            CALL.traceparent = traceparent = traceparent_of(context.invocation_metadata())
         try:
             response = _handle(method, self, request, context)
             return response
@@ -133,9 +132,8 @@ def unary(method: Handler) -> Handler:
                 if tracing is None:
                     traceparent = traceparent_of(context.invocation_metadata())
                     marks = ids = None
-                else:
-                    marks = CALL.stages
-                    CALL.ids = None
+                else:  # ids: chosen by the dataplane when it mirrored the call
+                    marks, ids = CALL.stages, CALL.ids
                 client = CALL.client if _gate is not None else ""
                 subject = response if response is not None else CALL.model
                 request_log.add(
