@@ -288,6 +288,12 @@ class Supervisor:
             )  # fmt: skip
             for slot in self._slots
         )
+        if self._limiter is not None and self._limiter.table is not None:
+            series.append(
+                counter("riskwire.ratelimit.fail_open", self._limiter.table.fail_open, {},
+                        unit="{request}", description="Calls let through unchecked: the "
+                        "rate-limit table had no free slot for their client")
+            )  # fmt: skip
         _, pairs = read_worker_stats(Path(self.settings.run_dir) / STATS_DIR)
         for key, stats in pairs.items():
             attributes = dict(zip(SHADOW_PAIR_LABELS, key, strict=True))

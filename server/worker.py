@@ -178,7 +178,10 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     )
     watcher.start()
     predictions = _start_prediction_log(worker_id, settings)
-    request_log = _start_request_log(worker_id, settings, _observer(mirror, predictions, policy))
+    shed: dict = {}  # the admission interceptor, once the server is built
+    request_log = _start_request_log(
+        worker_id, settings, _observer(mirror, predictions, policy, shed)
+    )
     dataplane = DataPlane(
         registry,
         state,
@@ -214,12 +217,11 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
 
         service = ServiceTime()
         configure_admission(service)
-        interceptors.insert(  # first: a refused call costs nothing else
-            0,
-            AdmissionInterceptor(
-                executor, settings.threads_per_worker, settings.queue_budget_ms / 1000, service
-            ),
+        admission = AdmissionInterceptor(
+            executor, settings.threads_per_worker, settings.queue_budget_ms / 1000, service
         )
+        interceptors.insert(0, admission)  # first: a refused call costs nothing else
+        shed["admission"] = admission
     server = grpc.server(
         executor,
         options=grpc_options(settings),
@@ -248,8 +250,9 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     return server, health_servicer, state, (mirror, recorder, predictions, request_log)
 
 
-def _observer(mirror, predictions, policy):  # noqa: ANN001, ANN202
-    """Series sampled when this worker publishes its metrics: queue depths, validation."""
+def _observer(mirror, predictions, policy, shed):  # noqa: ANN001, ANN202
+    """Series sampled when this worker publishes its metrics: queue depths, validation,
+    calls refused by admission control."""
     from .monitoring.metrics import counter, gauge
 
     def observe() -> list[dict]:
@@ -277,6 +280,12 @@ def _observer(mirror, predictions, policy):  # noqa: ANN001, ANN202
                 )  # fmt: skip
                 for outcome, value in policy.counts.items()
             )
+        admission = shed.get("admission")
+        if admission is not None:
+            out.append(
+                counter("riskwire.admission.refused", admission.refused, {}, unit="{request}",
+                        description="Calls refused on arrival: the queue was over its budget")
+            )  # fmt: skip
         return out
 
     return observe

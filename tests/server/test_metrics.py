@@ -189,6 +189,7 @@ def test_the_endpoint_merges_both_workers(start_server, models_dir) -> None:
     validated = [s for s in samples["riskwire_validation_rows_total"]
                  if s.labels["outcome"] == "validated"]  # fmt: skip
     assert validated and validated[0].value >= sent
+    assert samples["riskwire_admission_refused_total"][0].value == 0  # nothing shed here
     restarts = samples["riskwire_worker_restarts_total"]
     assert len(restarts) == 2 and all(s.value == 0 for s in restarts)
     assert card not in json.dumps([[s.labels for s in v] for v in samples.values()])
