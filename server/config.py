@@ -107,6 +107,14 @@ class Settings:
     rate_limits: str = ""  # per client "default=1000/2000; payments=5000/10000" (rate/burst)
     rate_limit_slots: int = 16384  # clients tracked at once (shared by all workers)
     audit_log: str = ""  # hash-chained admin audit log; "" = <models>/.audit/audit.jsonl
+    # Where state shared beyond one machine lives. "redis": rate-limit buckets are shared
+    # by every replica through Redis (the per-card state stays in this machine's shared
+    # memory for now).
+    state_backend: str = "local"  # local | redis
+    redis_url: str = "redis://127.0.0.1:6379/0"  # rediss:// for TLS
+    redis_key_prefix: str = "riskwire"
+    redis_timeout_ms: float = 50.0  # one request-path command; never longer
+    redis_on_failure: str = "closed"  # closed: UNAVAILABLE; degrade: unthrottled, counted
     # Automatic canary guards (over the calls since the current step began).
     canary_eval_s: float = 1.0
     canary_max_error_rate: float = 0.01  # server errors per call
@@ -219,6 +227,10 @@ class Settings:
             raise SettingsError(str(exc)) from None
         if self.canary_eval_s <= 0 or self.canary_min_calls < 1:
             raise SettingsError("canary_eval_s must be > 0 and canary_min_calls >= 1")
+        if self.state_backend not in ("local", "redis"):
+            raise SettingsError(f"state_backend {self.state_backend!r} is not local or redis")
+        if self.redis_on_failure not in ("closed", "degrade") or self.redis_timeout_ms <= 0:
+            raise SettingsError("redis_on_failure must be closed or degrade, redis_timeout_ms > 0")
         if self.rate_limit_slots < 8:
             raise SettingsError(f"rate_limit_slots must be >= 8, got {self.rate_limit_slots}")
         if self.profile == "prod" and not (self.tls_cert and self.auth):

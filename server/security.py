@@ -29,6 +29,7 @@ from .ratelimit import SharedRateLimiter, parse_rate_limits
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .redis_state import RedisRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Gate:
         self,
         config: GateConfig,
         keys: KeyStore | None = None,
-        limiter: SharedRateLimiter | None = None,
+        limiter: SharedRateLimiter | RedisRateLimiter | None = None,
     ) -> None:
         if config.auth and keys is None:
             raise ValueError("authentication needs a key store")
@@ -222,7 +223,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 def make_gate(settings: Settings, limiter_name: str = "") -> Gate | None:
     """The auth/rate-limit gate of this process (None when both are off)."""
-    if not settings.auth and not limiter_name:
+    redis_limits = settings.rate_limits and settings.state_backend == "redis"
+    if not settings.auth and not limiter_name and not redis_limits:
         return None
     keys = None
     if settings.auth:
@@ -231,7 +233,19 @@ def make_gate(settings: Settings, limiter_name: str = "") -> Gate | None:
             else KeyStore(settings.key_file)
         )  # fmt: skip
     limiter = None
-    if limiter_name:
+    if settings.rate_limits and settings.state_backend == "redis":
+        from .redis_state import RedisConfig, RedisRateLimiter
+
+        limiter = RedisRateLimiter(
+            RedisConfig(
+                url=settings.redis_url,
+                key_prefix=settings.redis_key_prefix,
+                op_timeout_s=settings.redis_timeout_ms / 1000,
+                on_failure=settings.redis_on_failure,  # type: ignore[arg-type]
+            ),
+            limits=parse_rate_limits(settings.rate_limits),
+        )
+    elif limiter_name:
         limiter = SharedRateLimiter.attach(
             limiter_name, limits=parse_rate_limits(settings.rate_limits)
         )

@@ -130,7 +130,7 @@ class Supervisor:
         self._state = SharedCardState.create(
             settings.state_capacity, snapshot=settings.snapshot_path
         )
-        if settings.rate_limits:
+        if settings.rate_limits and settings.state_backend == "local":
             self._limiter = SharedRateLimiter.create(
                 settings.rate_limit_slots, limits=parse_rate_limits(settings.rate_limits)
             )

@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import pytest
 
 redis = pytest.importorskip("redis", reason="the redis package is not installed")
@@ -453,3 +454,56 @@ def test_subscriber_survives_a_failing_callback(redis_server):
     store.write(_traffic())
     assert _next(changes).generation == 2
     store.close()
+
+
+# ------------------------------------------------------------------ two real servers
+
+
+def _score_outcomes(target: str, calls: int) -> list[str]:
+    from riskwire.protos import scoring_pb2, scoring_pb2_grpc
+
+    codes = []
+    with grpc.insecure_channel(target) as channel:
+        stub = scoring_pb2_grpc.ScoringStub(channel)
+        for i in range(calls):
+            request = scoring_pb2.ScoreRequest(transaction=scoring_pb2.Transaction(
+                card_id=f"redis-{i}", merchant_id="m", mcc=5411, amount=10.0))  # fmt: skip
+            try:
+                stub.Score(request, timeout=5)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+    return codes
+
+
+def test_a_rate_limit_holds_across_two_servers(start_server, models_dir, redis_server) -> None:
+    """Two riskwire servers (2 workers each) on one Redis: one bucket for the client (the
+    peer address without auth), burst 20 and no refill to speak of."""
+    env = {
+        "RISKWIRE_STATE_BACKEND": "redis",
+        "RISKWIRE_REDIS_URL": redis_server.url,
+        "RISKWIRE_REDIS_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
+        "RISKWIRE_REDIS_TIMEOUT_MS": "1000",
+        "RISKWIRE_RATE_LIMITS": f"default={SLOW}/20",
+    }
+    first, second = start_server(models_dir, env=env), start_server(models_dir, env=env)
+    codes = _score_outcomes(first.target, 15) + _score_outcomes(second.target, 15)
+    assert codes.count("OK") == 20 and codes.count("RESOURCE_EXHAUSTED") == 10, codes
+
+
+def test_redis_down_fails_closed_within_the_deadline(start_server, models_dir, own_redis) -> None:
+    server = start_server(models_dir, env={
+        "RISKWIRE_STATE_BACKEND": "redis", "RISKWIRE_REDIS_URL": own_redis.url,
+        "RISKWIRE_REDIS_TIMEOUT_MS": "200", "RISKWIRE_RATE_LIMITS": "default=100000/100000",
+    })  # fmt: skip
+    assert _score_outcomes(server.target, 3) == ["OK"] * 3
+    own_redis.stop()
+    started = time.monotonic()
+    codes = _score_outcomes(server.target, 5)
+    assert set(codes) == {"UNAVAILABLE"} and time.monotonic() - started < 5.0, codes
+    own_redis.start()
+    deadline = time.monotonic() + 10
+    while _score_outcomes(server.target, 1) != ["OK"]:
+        assert time.monotonic() < deadline, "no recovery after Redis came back"
+        time.sleep(0.2)
+    assert server.process.poll() is None
