@@ -38,10 +38,15 @@ from riskwire.pipeline.errors import PipelineError
 from riskwire.pipeline.package import list_versions
 
 from .audit import AuditLog
-from .errors import FailedPreconditionError, InvalidInputError, ModelNotFoundError
+from .errors import (
+    FailedPreconditionError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ServingError,
+)
 from .governance import GovernanceError, package_risk, promotion_gate
 from .registry import ModelRegistry
-from .traffic import Traffic, model_names, read_traffic, write_traffic
+from .traffic import FileTrafficStore, Traffic, model_names
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +110,11 @@ class Lifecycle:
         shadow_pairs: Callable[[], dict] | None = None,
         alert: Callable[[str, str, str, float, str], None] | None = None,
         load_timeout_s: float = 120.0,
+        store: Any = None,
     ) -> None:
         self.models_dir = Path(models_dir)
+        # traffic configurations: the models dir, or Redis (shared with other replicas)
+        self.store = store if store is not None else FileTrafficStore(self.models_dir)
         self.status_dir = status_dir
         self.live_pids = live_pids
         self.audit = audit
@@ -123,7 +131,7 @@ class Lifecycle:
     # ------------------------------------------------------------------ reading
     def traffic(self, name: str) -> Traffic:
         """The model's configuration, or the implicit one (highest version serves)."""
-        traffic = read_traffic(self.models_dir, name)
+        traffic = self.store.read(name)
         if traffic is not None:
             return traffic
         versions = list_versions(self.models_dir, name)
@@ -200,7 +208,7 @@ class Lifecycle:
                 self._audit(client, "model.unload", args, error)
                 raise error
             served = version in traffic.previous
-            stored = write_traffic(self.models_dir, traffic.replace(
+            stored = self.store.write(traffic.replace(
                 loaded=tuple(v for v in traffic.loaded if v != version),
                 retired=tuple(dict.fromkeys([*traffic.retired, version])) if served
                 else traffic.retired,
@@ -293,10 +301,10 @@ class Lifecycle:
     def tick(self, now: float | None = None) -> None:
         """Check the guards of every running canary; advance automatic steps when due."""
         now = time.time() if now is None else now
-        for name in model_names(self.models_dir):
+        for name in self.store.names():
             try:
-                traffic = read_traffic(self.models_dir, name)
-            except ValueError:
+                traffic = self.store.read(name)
+            except (ValueError, ServingError):
                 continue
             if traffic is None or not traffic.canary_active:
                 continue
@@ -473,7 +481,7 @@ class Lifecycle:
         log.warning("model %s: not every worker applied generation %d yet", name, generation)
 
     def _write(self, traffic: Traffic, *, wait: bool = True) -> Traffic:
-        stored = write_traffic(self.models_dir, traffic)
+        stored = self.store.write(traffic)
         if wait:
             self._wait_applied(traffic.name, stored.generation)
         return stored

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +26,9 @@ from riskwire.kernels.validate import ValidationSpec
 from riskwire.pipeline.errors import PipelineError
 from riskwire.pipeline.package import ModelPackage, list_versions, load_package
 
-from .errors import ModelNotFoundError, clip
+from .errors import ModelNotFoundError, ServingError, clip
 from .traffic import (
+    FileTrafficStore,
     Traffic,
     canary_bucket,
     canary_threshold,
@@ -80,9 +82,16 @@ class ModelRegistry:
     """Every model under the models directory, at its serving version."""
 
     def __init__(
-        self, models_dir: Path, default_model: str, *, range_tolerance: float = 0.1
+        self,
+        models_dir: Path,
+        default_model: str,
+        *,
+        range_tolerance: float = 0.1,
+        store: Any = None,
     ) -> None:
         self.models_dir = self._models_dir = Path(models_dir)
+        # Where traffic configurations are read (the models dir, or Redis)
+        self.store = store if store is not None else FileTrafficStore(self.models_dir)
         self._range_tolerance = range_tolerance
         self.default_model = default_model
         self._models: dict[tuple[str, str], ModelRuntime] = {}
@@ -102,8 +111,8 @@ class ModelRegistry:
             return loaded
         for model_dir in sorted(p for p in self._models_dir.iterdir() if p.is_dir()):
             try:
-                traffic = read_traffic(self._models_dir, model_dir.name)
-            except ValueError as exc:
+                traffic = self.store.read(model_dir.name)
+            except (ValueError, ServingError) as exc:  # unreadable, or Redis unavailable
                 log.error("%s; serving the highest version", exc)
                 traffic = None
             if traffic is not None:
@@ -258,18 +267,37 @@ class TrafficWatcher:
         self.status_path = status_path
         self.poll_s = poll_s
         self._stamp: tuple = ()
+        self._subscription: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
 
     def start(self) -> None:
-        """Publish the start-up state, then watch."""
+        """Publish the start-up state, then watch (the files, or Redis's announcements)."""
+        store = self.registry.store
         self._stamp = traffic_stamp(self.registry.models_dir)
         self.publish()
-        self._thread.start()
+        if hasattr(store, "subscribe"):
+            self._subscription = store.subscribe(self.apply)
+        else:
+            self._thread.start()
 
     def stop(self) -> None:
         """Stop watching."""
         self._stop.set()
+        if self._subscription is not None:
+            self._subscription.close()
+
+    def apply(self, traffic: Traffic) -> None:
+        """Apply one announced configuration (when it is new here) and publish."""
+        if self.registry.applied.get(traffic.name) == traffic.generation:
+            return
+        self.registry.apply(traffic)
+        log.info(
+            "model %s: primary %s, canary %s at %.2f%% (generation %d)",
+            traffic.name, traffic.primary, traffic.canary or "-", traffic.canary_weight,
+            traffic.generation,
+        )  # fmt: skip
+        self.publish()
 
     def check(self) -> bool:
         """Apply what changed since the last check; returns whether anything did."""
@@ -283,13 +311,8 @@ class TrafficWatcher:
             except ValueError as exc:
                 log.error("%s (keeping the current routing)", exc)
                 continue
-            if traffic is not None and self.registry.applied.get(name) != traffic.generation:
-                self.registry.apply(traffic)
-                log.info(
-                    "model %s: primary %s, canary %s at %.2f%% (generation %d)",
-                    name, traffic.primary, traffic.canary or "-", traffic.canary_weight,
-                    traffic.generation,
-                )  # fmt: skip
+            if traffic is not None:
+                self.apply(traffic)
         self.publish()
         return True
 

@@ -56,6 +56,7 @@ from .monitoring.metrics import (
 from .monitoring.recorder import parse_windows
 from .ratelimit import SharedRateLimiter, parse_rate_limits
 from .state import SharedCardState
+from .traffic import open_traffic_store
 from .worker import (
     MODELS_STATUS_DIR,
     WorkerFailed,
@@ -223,6 +224,7 @@ class Supervisor:
             drift_rows=(lambda: drift.latest()[0]) if drift is not None else None,
             shadow_pairs=lambda: read_worker_stats(run_dir / STATS_DIR)[1],
             alert=alert,
+            store=open_traffic_store(settings),
         )
 
     def _start_metrics(self, run_dir: Path):  # noqa: ANN202

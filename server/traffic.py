@@ -9,7 +9,9 @@ plane and read by every worker (polled; a change applies within a second)::
      "halted_reason": "", "generation": 12, "updated_at": "2026-11-26T10:00:00Z"}
 
 It lives next to the packages, so it survives restarts and travels with the models.
-Without a file a model is served at its highest version (no canary).
+Without a file a model is served at its highest version (no canary). With
+``state_backend = "redis"`` the same configurations live in Redis instead, shared by
+every replica and announced by pub/sub (``server/redis_state.py``).
 
 Canary routing is sticky by card: a card's bucket is a fixed function of its key
 (``canary_bucket``, 0..9999), and a card goes to the canary when its bucket is below
@@ -22,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -168,14 +170,33 @@ def traffic_stamp(models_dir: Path) -> tuple:
     return tuple(stamp)
 
 
-@dataclass
-class WorkerModels:
-    """What one worker reports about its models (published for the control plane)."""
+class FileTrafficStore:
+    """Traffic configurations as ``<models>/<name>/traffic.json`` (one machine)."""
 
-    worker: int
-    pid: int
-    loaded: dict[str, list[str]] = field(default_factory=dict)
-    serving: dict[str, str] = field(default_factory=dict)
-    canary: dict[str, list] = field(default_factory=dict)  # name → [version, weight]
-    generations: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)  # "name/version" → why
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = Path(models_dir)
+
+    def read(self, name: str) -> Traffic | None:
+        """The model's configuration (None without one)."""
+        return read_traffic(self.models_dir, name)
+
+    def write(self, traffic: Traffic) -> Traffic:
+        """Store a new configuration (generation + 1)."""
+        return write_traffic(self.models_dir, traffic)
+
+    def names(self) -> list[str]:
+        """Models that have a configuration."""
+        return [n for n in model_names(self.models_dir)
+                if traffic_path(self.models_dir, n).exists()]  # fmt: skip
+
+
+def open_traffic_store(settings: Any) -> Any:
+    """The traffic store the settings name: the models directory, or Redis (shared by
+    replicas, with change notification) when ``state_backend = "redis"``."""
+    if settings.state_backend != "redis":
+        return FileTrafficStore(Path(settings.models))
+    from .redis_state import RedisConfig, RedisTrafficStore
+
+    return RedisTrafficStore(
+        RedisConfig(url=settings.redis_url, key_prefix=settings.redis_key_prefix)
+    )

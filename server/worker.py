@@ -150,9 +150,13 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     from .grpc.scoring import RequestIds, ScoringServicer
     from .registry import ModelRegistry
     from .state import SharedCardState
+    from .traffic import open_traffic_store
 
     registry = ModelRegistry(
-        Path(settings.models), settings.default_model, range_tolerance=settings.range_tolerance
+        Path(settings.models),
+        settings.default_model,
+        range_tolerance=settings.range_tolerance,
+        store=open_traffic_store(settings),
     )
     runtimes = registry.load_all()
     if not runtimes:

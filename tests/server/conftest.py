@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -349,3 +350,75 @@ def oip_pb() -> SimpleNamespace:
             for name, descriptor in file.message_types_by_name.items()
         }
     )
+
+
+REDIS_START_TIMEOUT_S = 10.0
+
+
+class RedisServer:
+    """A ``redis-server`` child process without persistence, restartable on its port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        import redis
+
+        probe = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    probe.ping()
+                    return
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not start on {self.port}") from None
+                    time.sleep(0.01)
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def client(self):  # noqa: ANN201 - redis.Redis
+        """A plain redis-py client of this server."""
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=2.0)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):  # noqa: ANN201
+    """A redis-server on a free loopback port for the module (skips without one)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):  # noqa: ANN201
+    """A redis-server of this test alone (stopped and restarted by it)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

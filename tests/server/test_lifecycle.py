@@ -289,3 +289,29 @@ def test_unknown_versions_and_impossible_changes_are_clear(start_server, models)
             with pytest.raises(grpc.RpcError) as refused:
                 call()
             assert refused.value.code() == code, refused.value.details()
+
+
+def test_a_change_through_one_replica_reaches_the_other(start_server, models, redis_server):
+    """Two servers sharing traffic through Redis: a promotion made through one is served
+    by the other within a second (no shared disk needed for the configuration)."""
+    env = {"RISKWIRE_STATE_BACKEND": "redis", "RISKWIRE_REDIS_URL": redis_server.url,
+           "RISKWIRE_REDIS_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}"}  # fmt: skip
+    first, second = start_server(models, env=env), start_server(models, env=env)
+
+    def answered_by(server) -> str:  # noqa: ANN001
+        with grpc.insecure_channel(server.target) as channel:
+            transaction = scoring_pb2.Transaction(
+                card_id=f"r-{uuid.uuid4().hex}", merchant_id="m", mcc=5411, amount=5.0
+            )
+            request = scoring_pb2.ScoreRequest(transaction=transaction)
+            return scoring_pb2_grpc.ScoringStub(channel).Score(request, timeout=10).model_version
+
+    # Nothing in Redis yet: the highest version serves (traffic.json is not read).
+    assert answered_by(second) == "4"
+    with AdminClient(first.admin_target) as admin:
+        admin.promote("fraud", "2")  # through the first replica
+    changed = time.monotonic()
+    while answered_by(second) != "2":
+        assert time.monotonic() - changed < 5.0, "the second replica did not apply it"
+        time.sleep(0.05)
+    assert time.monotonic() - changed < 1.5

@@ -11,11 +11,9 @@ import math
 import queue
 import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
@@ -41,73 +39,14 @@ from riskwire.server.redis_state import (  # noqa: E402
 )
 from riskwire.server.traffic import Traffic  # noqa: E402
 
-SLOW = 1e-3  # tokens/s: no measurable refill while a test runs
-START_TIMEOUT_S = 10.0
 
-
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-class RedisServer:
-    """A ``redis-server`` child process without persistence, restartable on its port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = _free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-        )
-        probe = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        try:
-            while True:
-                try:
-                    probe.ping()
-                    return
-                except redis.ConnectionError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server did not start on {self.port}") from None
-                    time.sleep(0.01)
-        finally:
-            probe.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2.0)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A server of this test alone (stopped and restarted by it)."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+SLOW = 1e-3  # tokens/s: no measurable refill while a test runs
 
 
 @pytest.fixture
@@ -117,7 +56,7 @@ def raw(redis_server):
     client.close()
 
 
-def config_for(server: RedisServer, **changes) -> RedisConfig:
+def config_for(server, **changes) -> RedisConfig:  # noqa: ANN001 - conftest's RedisServer
     """A config with a fresh key prefix; generous timeouts unless a test sets them."""
     options = {"key_prefix": f"t{uuid.uuid4().hex[:8]}", "op_timeout_s": 1.0}
     options["failure_cooldown_s"] = 0.0
@@ -194,7 +133,7 @@ def test_bucket_refills_with_redis_time(redis_server):
 
 
 def test_unlimited_and_free_requests_never_touch_redis(redis_server):
-    dead = RedisConfig(url=f"redis://127.0.0.1:{_free_port()}/0", on_failure="closed")
+    dead = RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", on_failure="closed")
     limiter = RedisRateLimiter(dead, limits=parse_rate_limits("default=0; big=5/2"))
     assert limiter.check("anyone") == 0.0  # rate 0: unlimited
     assert limiter.check("big", 0.0) == 0.0  # costs nothing
