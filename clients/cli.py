@@ -101,6 +101,11 @@ def _cmd_package_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    # One Numba thread per process (parallelism comes from the workers). Set before
+    # Numba is first imported: later, a fresh compile (empty cache) refuses the change.
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     from riskwire.server.config import SettingsError, load_settings
     from riskwire.server.supervisor import Supervisor
 
