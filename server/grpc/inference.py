@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -14,8 +15,9 @@ from riskwire.protos import inference_pb2_grpc
 from ..dataplane import BATCH_COLUMNS, DataPlane
 from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
+from ..request_log import CALL
 from .scoring import RequestIds
-from .status import caller, check_deadline, item_error, throttle, unary
+from .status import caller, check_deadline, count_item, item_error, throttle, unary
 from .tensors import (
     INPUTS,
     OUTPUT_NAMES,
@@ -107,13 +109,19 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(self, request_iterator, context) -> Iterator[pb.ModelStreamInferResponse]:
         principal = caller(context, "ModelStreamInfer")
         for request in request_iterator:
+            t0 = time.perf_counter()
+            CALL.model = None
             try:
                 check_deadline(context)
                 throttle(principal, "ModelStreamInfer")
-                yield pb.ModelStreamInferResponse(infer_response=self._infer(request))
+                response = self._infer(request)
             except Exception as exc:  # noqa: BLE001 - one bad request must not end the stream
-                _, message = item_error(exc)
+                code, message = item_error(exc)
+                count_item("ModelStreamInfer", t0, None, code)
                 yield pb.ModelStreamInferResponse(error_message=message)
+                continue
+            count_item("ModelStreamInfer", t0, response)
+            yield pb.ModelStreamInferResponse(infer_response=response)
 
     def _named_model(self, name: str, version: str) -> ModelRuntime:
         if not name:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -13,7 +14,8 @@ from riskwire.shadow.labels import MAX_ID_CHARS, LabelStore
 
 from ..dataplane import BATCH_COLUMNS, DataPlane, ScoreOutcome
 from ..errors import InvalidInputError, NotReadyError
-from .status import caller, check_deadline, item_error, throttle, unary
+from ..request_log import CALL
+from .status import caller, check_deadline, count_item, item_error, throttle, unary
 
 DECISIONS = {
     "approve": scoring_pb2.DECISION_APPROVE,
@@ -166,19 +168,25 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
     ) -> Iterator[_Response]:
         principal = caller(context, "ScoreStream")
         for request in request_iterator:
+            t0 = time.perf_counter()
+            CALL.model = None
             try:
                 check_deadline(context)
                 throttle(principal, "ScoreStream")
                 if not request.HasField("transaction"):
                     raise InvalidInputError("transaction: required field is missing")
-                yield self._score(request)
+                response = self._score(request)
             except Exception as exc:  # noqa: BLE001 - one bad item must not end the stream
                 code, message = item_error(exc)
+                count_item("ScoreStream", t0, None, code)
                 yield _Response(
                     request_id=request.request_id,
                     transaction_id=request.transaction.transaction_id,
                     error=scoring_pb2.ItemError(code=code, message=message),
                 )
+                continue
+            count_item("ScoreStream", t0, response)
+            yield response
 
 
 _LABEL_VALUES = {scoring_pb2.LABEL_LEGITIMATE: 0, scoring_pb2.LABEL_FRAUD: 1}

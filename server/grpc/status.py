@@ -144,6 +144,19 @@ def unary(method: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def count_item(method: str, t0: float, subject: Any, code: int = 0) -> None:
+    """Count one item of a stream (its google.rpc ``code``, 0 = OK) in the metrics, as
+    the unary wrapper counts a call; ``subject`` is its response (or None)."""
+    request_log = _request_log
+    if request_log is not None:
+        subject = subject if subject is not None else CALL.model
+        request_log.count(method, _CODE_NAMES.get(code, "UNKNOWN"), time.perf_counter() - t0,
+                          subject)  # fmt: skip
+
+
 def configure_gate(gate: Gate | None) -> None:
     """Authenticate, authorise and rate-limit every call of this process (None: off)."""
     global _gate

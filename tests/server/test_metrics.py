@@ -168,6 +168,9 @@ def test_the_endpoint_merges_both_workers(start_server, models_dir) -> None:
                 sent += 1
             with pytest.raises(Exception):  # noqa: B017 - any RpcError; the count matters
                 stub.Score(scoring_pb2.ScoreRequest(), timeout=10)
+            items = [scoring_pb2.ScoreRequest(transaction=transaction)] * 3
+            items.append(scoring_pb2.ScoreRequest())  # no transaction: an item error
+            assert len(list(stub.ScoreStream(iter(items), timeout=10))) == 4
     finally:
         for channel in channels.values():
             channel.close()
@@ -178,6 +181,11 @@ def test_the_endpoint_merges_both_workers(start_server, models_dir) -> None:
         samples = _scrape(server.metrics_port)
     assert _requests(samples, "ScoreBatch", "0") == sent
     assert _requests(samples, "Score", "3") == 2  # one INVALID_ARGUMENT per worker
+    while _requests(samples, "ScoreStream", "3") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        samples = _scrape(server.metrics_port)
+    assert _requests(samples, "ScoreStream", "0") == 6  # stream items count one by one
+    assert _requests(samples, "ScoreStream", "3") == 2
     counts = [
         s
         for s in samples["rpc_server_call_duration_seconds_count"]
