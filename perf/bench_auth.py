@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:  # run as a script: make ``perf`` importable
 
 from perf import loadgen  # noqa: E402
 from perf.bench_serving import after_run, ensure_models, h2load_point  # noqa: E402
-from perf.bench_validation import _costs, _median, _median_any, mirror_models  # noqa: E402
+from perf.bench_validation import _costs, mirror_models  # noqa: E402
 from perf.loadgen import SCORE  # noqa: E402
 
 MODES = ("off", "on")
@@ -128,15 +128,15 @@ def summarise(runs: dict[str, list], args: argparse.Namespace) -> dict:
 
     by_mode = {
         mode: {
-            "rps": _median([p.rps for p in runs[mode]]),
-            "p50_ms": _median([p.p50_ms for p in runs[mode]]),
-            "p99_ms": _median([p.p99_ms for p in runs[mode]]),
+            "rps": loadgen.median_present([p.rps for p in runs[mode]]),
+            "p50_ms": loadgen.median_present([p.p50_ms for p in runs[mode]]),
+            "p99_ms": loadgen.median_present([p.p99_ms for p in runs[mode]]),
             "errors": sum(p.errors for p in runs[mode]),
         }
         for mode in MODES
     }
     per_round = {"throughput_cost": _costs(runs, "rps"), "p99_cost": _costs(runs, "p99_ms")}
-    medians = {key: _median_any(values) for key, values in per_round.items()}
+    medians = {key: loadgen.median_cost(values) for key, values in per_round.items()}
     cost = medians["throughput_cost"]
     return {
         **medians,

@@ -188,8 +188,7 @@ def summarise(
 def print_report(summary: dict) -> None:
     """The table and the costs."""
 
-    def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+    num, pct = loadgen.format_number, loadgen.format_change
 
     print(
         f"\n{'shadow':>7} {'saturated rps':>14} {'p99 ms':>8} {'fixed rps':>10} "
@@ -201,9 +200,6 @@ def print_report(summary: dict) -> None:
             f"{num(row['fixed_rate_rps'], ',.0f'):>10} {num(row['fixed_rate_p50_ms'], '.2f'):>7} "
             f"{num(row['fixed_rate_p99_ms'], '.2f'):>7} {row['errors']:>7}"
         )
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{value:+.1%}"
 
     print(
         f"\ncost of 100% mirroring: throughput {pct(summary['throughput_cost_full'])} "

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -213,17 +212,6 @@ def _costs(points: dict[str, list], mode: str, field: str, base: str = "off") ->
     return costs
 
 
-def _median(values: list[float | None]) -> float | None:
-    """Median of the values present (None and 0 are missing measurements)."""
-    present = [v for v in values if v]
-    return statistics.median(present) if present else None
-
-
-def _median_cost(values: list[float]) -> float | None:
-    """Median keeping zeros and negatives (a cost may be <= 0)."""
-    return statistics.median(values) if values else None
-
-
 def span_problems(records: dict[str, list]) -> list[str]:
     """What the span files say went wrong: spans when off, untraced calls when full."""
     problems = []
@@ -247,9 +235,9 @@ def summarise(points: dict[str, list], records: dict[str, list], args: argparse.
 
     by_mode = {
         mode: {
-            "rps": _median([p.rps for p in points[mode]]),
-            "p50_ms": _median([p.p50_ms for p in points[mode]]),
-            "p99_ms": _median([p.p99_ms for p in points[mode]]),
+            "rps": loadgen.median_present([p.rps for p in points[mode]]),
+            "p50_ms": loadgen.median_present([p.p50_ms for p in points[mode]]),
+            "p99_ms": loadgen.median_present([p.p99_ms for p in points[mode]]),
             "errors": sum(p.errors for p in points[mode]),
             "requests": sum(r["requests"] for r in records[mode]),
             "spans": sum(r["spans"] for r in records[mode]),
@@ -264,7 +252,7 @@ def summarise(points: dict[str, list], records: dict[str, list], args: argparse.
         for kind, field in (("throughput", "rps"), ("p99", "p99_ms"))
     }
     per_round["throughput_cost_metrics"] = _costs(points, "off", "rps", base="bare")
-    medians = {key: _median_cost(values) for key, values in per_round.items()}
+    medians = {key: loadgen.median_cost(values) for key, values in per_round.items()}
     full, default = by_mode["full"], by_mode["default"]
     problems = span_problems(records)
 
@@ -320,11 +308,7 @@ def summarise(points: dict[str, list], records: dict[str, list], args: argparse.
 def print_report(summary: dict) -> None:
     """The table, the costs against the targets and the span checks."""
 
-    def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{value:+.1%}"
+    num, pct = loadgen.format_number, loadgen.format_change
 
     print(
         f"\n{'tracing':>8} {'Score rps':>10} {'p50 ms':>7} {'p99 ms':>7} {'requests':>9} "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -148,22 +147,17 @@ def _costs(runs: dict[str, list], field: str) -> list[float]:
     return costs
 
 
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v]
-    return statistics.median(present) if present else None
-
-
 def summarise(score: dict[str, list], batch: dict[str, list], args: argparse.Namespace) -> dict:
     """Medians per mode, costs per round and their medians, errors and the config."""
     from riskwire.server.config import Settings
 
     by_mode = {
         mode: {
-            "rps": _median([p.rps for p in score[mode]]),
-            "p50_ms": _median([p.p50_ms for p in score[mode]]),
-            "p99_ms": _median([p.p99_ms for p in score[mode]]),
-            "batch_rows_per_s": _median([p.rows_per_s for p in batch[mode]]),
-            "batch_p99_ms": _median([p.p99_ms for p in batch[mode]]),
+            "rps": loadgen.median_present([p.rps for p in score[mode]]),
+            "p50_ms": loadgen.median_present([p.p50_ms for p in score[mode]]),
+            "p99_ms": loadgen.median_present([p.p99_ms for p in score[mode]]),
+            "batch_rows_per_s": loadgen.median_present([p.rows_per_s for p in batch[mode]]),
+            "batch_p99_ms": loadgen.median_present([p.p99_ms for p in batch[mode]]),
             "errors": sum(p.errors for p in score[mode] + batch[mode]),
         }
         for mode in MODES
@@ -173,7 +167,7 @@ def summarise(score: dict[str, list], batch: dict[str, list], args: argparse.Nam
         "batch_throughput_cost": _costs(batch, "rows_per_s"),
         "p99_cost": _costs(score, "p99_ms"),
     }
-    medians = {key: _median_any(values) for key, values in per_round.items()}
+    medians = {key: loadgen.median_cost(values) for key, values in per_round.items()}
     cost = medians["throughput_cost"]
     return {
         **medians,
@@ -197,19 +191,10 @@ def summarise(score: dict[str, list], batch: dict[str, list], args: argparse.Nam
     }
 
 
-def _median_any(values: list[float]) -> float | None:
-    """Median keeping zeros and negatives (a cost may be <= 0)."""
-    return statistics.median(values) if values else None
-
-
 def print_report(summary: dict) -> None:
     """The table and the costs."""
 
-    def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{value:+.1%}"
+    num, pct = loadgen.format_number, loadgen.format_change
 
     print(
         f"\n{'validation+drift':>16} {'Score rps':>10} {'p99 ms':>8} "

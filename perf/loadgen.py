@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -480,6 +481,27 @@ def require_h2load(script: str) -> str:
     if h2load is None:
         raise SystemExit(f"{script}: h2load not found (apt-get install nghttp2-client)")
     return h2load
+
+
+def median_present(values: list[float | None]) -> float | None:
+    """Median of the measurements present (None and 0 are missing measurements)."""
+    present = [v for v in values if v]
+    return statistics.median(present) if present else None
+
+
+def median_cost(values: list[float]) -> float | None:
+    """Median keeping zeros and negatives (a cost may be <= 0)."""
+    return statistics.median(values) if values else None
+
+
+def format_number(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "-" when it was not measured."""
+    return "-" if value is None else format(value, spec)
+
+
+def format_change(value: float | None) -> str:
+    """A signed percentage (+12.3%), or "-" when it was not measured."""
+    return "-" if value is None else f"{value:+.1%}"
 
 
 def round_arguments(description: str, rounds_help: str) -> Any:
