@@ -364,11 +364,22 @@ def perf_analyzer_command(
 
 
 # ------------------------------------------------------------------ servers
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A TCP port nothing listens on right now and that this process has not handed out before.
+
+    Two probes in a row may get the same ephemeral port from the kernel; remembering the ports
+    handed out keeps two servers (or a server's two listeners) from being given the same one.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def unary_raw(target: str, path: str, message: bytes, timeout: float = 5.0) -> bytes:

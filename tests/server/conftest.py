@@ -34,11 +34,23 @@ STOP_TIMEOUT_S = 30.0
 EPOCH_2026_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port that was free on 127.0.0.1 a moment ago and that this process has not handed out.
+
+    The kernel may give the same ephemeral port to two probes in a row (the first probe is
+    closed by then), so two ports asked for one server could collide; remembering what was
+    handed out rules that out.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def child_pids(pid: int) -> set[int]:
