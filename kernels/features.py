@@ -344,6 +344,43 @@ def _features_kernel(
     return 0
 
 
+@njit(
+    types.int64(*_STATE_TYPES, _TX_TYPES[0], types.int64[::1], types.int64),
+    cache=True,
+    nogil=True,
+)
+def _slots_kernel(
+    header, keys, last_time_ms, counts, stats, merchants, countries, card_keys, slots, owner
+) -> int:  # fmt: skip
+    """Slot of every card key, inserting the missing ones (under the table's lock)."""
+    if slots.shape[0] != card_keys.shape[0]:
+        return _BAD_LENGTH
+    for j in range(card_keys.shape[0]):
+        if card_keys[j] == _EMPTY:
+            return _ZERO_KEY
+    probe_limit = max(1, min(header[HDR_PROBE_LIMIT], keys.shape[0]))
+    spin_lock(header, HDR_LOCK, owner)
+    for j in range(card_keys.shape[0]):
+        slots[j] = _acquire_slot(
+            header, keys, last_time_ms, counts, stats, merchants, countries, card_keys[j],
+            probe_limit,
+        )  # fmt: skip
+    spin_unlock(header, HDR_LOCK)
+    return 0
+
+
+def card_slots(table: CardStateTable, card_keys: np.ndarray) -> np.ndarray:
+    """Slot index of each card in ``table``, inserting the cards it does not hold (probing
+    and eviction exactly as the feature kernel does). With distinct keys and a table of at
+    least twice as many slots whose probe limit is its capacity, nothing is evicted."""
+    slots = np.empty(len(card_keys), dtype=np.int64)
+    keys = np.ascontiguousarray(card_keys, dtype=np.uint64)
+    status = _slots_kernel(*table.arrays, keys, slots, _OWNER)
+    if status == _ZERO_KEY:
+        raise ValueError("card keys must be non-zero")
+    return slots
+
+
 def compute_features(
     table: CardStateTable, tx: TransactionArrays, out: np.ndarray | None = None
 ) -> np.ndarray:

@@ -71,6 +71,12 @@ _FIELDS: Final = (
     ("countries", np.int32, (COUNTRY_RING,)),
 )
 
+# One card's slot as a packed record (256 bytes, field order as in the table): what an
+# external store (Redis) keeps per card, moved in and out of a table by slot index.
+CARD_RECORD: Final = np.dtype(
+    [(name, dtype, shape) for name, dtype, shape in _FIELDS], align=False
+)
+
 # snapshot file: fixed 64-byte header, then the table's bytes verbatim
 _FILE_MAGIC: Final = b"RWSNAP\x00\x00"
 _FILE_VERSION: Final = 1
@@ -240,6 +246,22 @@ class CardStateTable:
                 return -1
             s = (s + 1) & mask
         return -1
+
+    def records(self, slots: np.ndarray) -> np.ndarray:
+        """The cards in ``slots`` as packed :data:`CARD_RECORD` rows (copies)."""
+        out = np.empty(len(slots), dtype=CARD_RECORD)
+        for name, _, _ in _FIELDS:
+            out[name] = getattr(self, name)[slots]
+        return out
+
+    def put_records(self, slots: np.ndarray, records: np.ndarray) -> None:
+        """Overwrite ``slots`` with packed :data:`CARD_RECORD` rows (keys included).
+
+        The occupied count is not adjusted: slots are expected to hold their cards
+        already (see :func:`riskwire.kernels.features.card_slots`).
+        """
+        for name, _, _ in _FIELDS:
+            getattr(self, name)[slots] = records[name]
 
     def snapshot(self, path: str | os.PathLike[str]) -> None:
         """Write the table to ``path`` atomically (temp file in the same dir + rename).

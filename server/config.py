@@ -16,13 +16,16 @@ import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from riskwire.shadow.config import ShadowConfigError, parse_filter
 
 from .monitoring.recorder import parse_windows
 from .ratelimit import parse_rate_limits
 from .security import certificate_roles
+
+if TYPE_CHECKING:
+    from .redis_state import RedisConfig
 
 ENV_PREFIX = "RISKWIRE_"
 PROFILES = ("dev", "test", "staging", "prod")
@@ -107,14 +110,21 @@ class Settings:
     rate_limits: str = ""  # per client "default=1000/2000; payments=5000/10000" (rate/burst)
     rate_limit_slots: int = 16384  # clients tracked at once (shared by all workers)
     audit_log: str = ""  # hash-chained admin audit log; "" = <models>/.audit/audit.jsonl
-    # Where state shared beyond one machine lives. "redis": rate-limit buckets are shared
-    # by every replica through Redis (the per-card state stays in this machine's shared
-    # memory for now).
+    # Where state shared beyond one machine lives. "redis": per-card feature state,
+    # rate-limit buckets and traffic configurations are shared by every replica through
+    # Redis (see server/redis_cards.py and server/redis_state.py).
     state_backend: str = "local"  # local | redis
     redis_url: str = "redis://127.0.0.1:6379/0"  # rediss:// for TLS
     redis_key_prefix: str = "riskwire"
     redis_timeout_ms: float = 50.0  # one request-path command; never longer
-    redis_on_failure: str = "closed"  # closed: UNAVAILABLE; degrade: unthrottled, counted
+    # closed: UNAVAILABLE; degrade: score with stateless features / unthrottled, flagged
+    # ("state_unavailable") and counted
+    redis_on_failure: str = "closed"
+    redis_tls_ca: str = ""  # CA bundle verifying Redis (rediss:// only)
+    redis_tls_cert: str = ""  # client certificate for mutual TLS with Redis
+    redis_tls_key: str = ""  # its private key
+    redis_card_ttl_days: float = 90.0  # a card idle this long is forgotten (0 = never)
+    redis_card_cache: int = 1 << 16  # cards whose latest state each worker remembers
     # Automatic canary guards (over the calls since the current step began).
     canary_eval_s: float = 1.0
     canary_max_error_rate: float = 0.01  # server errors per call
@@ -231,6 +241,13 @@ class Settings:
             raise SettingsError(f"state_backend {self.state_backend!r} is not local or redis")
         if self.redis_on_failure not in ("closed", "degrade") or self.redis_timeout_ms <= 0:
             raise SettingsError("redis_on_failure must be closed or degrade, redis_timeout_ms > 0")
+        if self.redis_card_ttl_days < 0 or self.redis_card_cache < 1:
+            raise SettingsError("redis_card_ttl_days must be >= 0, redis_card_cache >= 1")
+        if self.state_backend == "redis":
+            try:
+                self.redis_config()
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         if self.rate_limit_slots < 8:
             raise SettingsError(f"rate_limit_slots must be >= 8, got {self.rate_limit_slots}")
         if self.profile == "prod" and not (self.tls_cert and self.auth):
@@ -242,6 +259,20 @@ class Settings:
             raise SettingsError(
                 f"log_level {self.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
             )
+
+    def redis_config(self) -> RedisConfig:
+        """Connection settings of the Redis state backend."""
+        from .redis_state import RedisConfig
+
+        return RedisConfig(
+            url=self.redis_url,
+            key_prefix=self.redis_key_prefix,
+            op_timeout_s=self.redis_timeout_ms / 1000,
+            on_failure=self.redis_on_failure,  # type: ignore[arg-type]
+            tls_ca_path=self.redis_tls_ca,
+            tls_cert_path=self.redis_tls_cert,
+            tls_key_path=self.redis_tls_key,
+        )
 
     @property
     def worker_count(self) -> int:

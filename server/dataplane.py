@@ -26,6 +26,9 @@ from .traffic import canary_buckets
 from .validation import OUTPUT_INVALID, ValidationPolicy
 
 MAX_TOP_REASONS = 10
+# Response flag of rows scored without per-card history (the state store was unavailable
+# and redis_on_failure = "degrade").
+STATE_UNAVAILABLE = "state_unavailable"
 # Raw fields the validation kernels check (quoted back in rejection messages).
 CHECKED_FIELDS = ("amount", "mcc", "country", "card_country", "currency", "channel")
 # Columns a batch must carry (transaction_id is optional and only echoed back).
@@ -151,6 +154,8 @@ class DataPlane:
         self.policy = policy
         self.monitor = monitor
         self._state = state
+        # Stores that can fail (Redis) say when a call was scored without card state.
+        self._took_degraded: Callable[[], bool] | None = getattr(state, "took_degraded", None)
         self._default_top_reasons = default_top_reasons
         self.max_batch_rows = max_batch_rows
         self._clock_ms = clock_ms
@@ -227,6 +232,9 @@ class DataPlane:
         if stages:
             t_validated = time.perf_counter()
         row = self._state.update(tx, scratch.features)[0]
+        took_degraded = self._took_degraded
+        if took_degraded is not None and took_degraded():
+            flags = (*flags, STATE_UNAVAILABLE)
         if stages:
             t_features = time.perf_counter()
         reasons = []
@@ -368,6 +376,11 @@ class DataPlane:
             if stages:
                 t_validated = time.perf_counter()
             features = self._state.update(tx, np.empty((len(valid), NUM_FEATURES)))
+            took_degraded = self._took_degraded
+            if took_degraded is not None and took_degraded():
+                flagged[:] = True
+                for i in valid.tolist():
+                    flags[i] = (*flags[i], STATE_UNAVAILABLE)
             if stages:
                 t_features = time.perf_counter()
             groups = self._route_rows(model, tx.card_key, route, all_or_nothing)

@@ -1,6 +1,6 @@
 """Shared state in Redis, for replicas on several machines: rate-limit buckets and the
 traffic configuration (the same interfaces as the shared-memory rate limiter and the
-``traffic.json`` files).
+``traffic.json`` files); the per-card feature state is in :mod:`.redis_cards`.
 
 Key layout (Redis Cluster ready)
 --------------------------------
@@ -16,8 +16,10 @@ clients and cards spread over the cluster::
     {<prefix>:traffic}:<model>     string, the model's traffic configuration as JSON
                                    (Traffic.to_dict, generation included)
     {<prefix>:traffic}:names       set, the model names holding a configuration
-    {<prefix>:card:<card_key>}     reserved: the per-card feature state to come (every
-                                   key of one card will carry this tag)
+    {<prefix>:card:<card_key>}     hash, fields s (the card's packed state, 256 bytes)
+                                   and v (its version): one card's feature state, see
+                                   :mod:`riskwire.server.redis_cards`; expires when idle
+                                   (``redis_card_ttl_days``)
 
 ``<prefix>:traffic`` (no braces: a channel, not a key) is the pub/sub channel on which
 every traffic change is announced as ``{"name": ..., "generation": ...}``. The traffic
@@ -96,7 +98,7 @@ def traffic_channel(prefix: str) -> str:
 
 
 def card_key(prefix: str, key: int | str) -> str:
-    """Hash tag reserved for one card's feature state (every key of the card uses it)."""
+    """Key of one card's feature state: the whole key is the hash tag."""
     return f"{{{prefix}:card:{key}}}"
 
 

@@ -234,16 +234,10 @@ def make_gate(settings: Settings, limiter_name: str = "") -> Gate | None:
         )  # fmt: skip
     limiter = None
     if settings.rate_limits and settings.state_backend == "redis":
-        from .redis_state import RedisConfig, RedisRateLimiter
+        from .redis_state import RedisRateLimiter
 
         limiter = RedisRateLimiter(
-            RedisConfig(
-                url=settings.redis_url,
-                key_prefix=settings.redis_key_prefix,
-                op_timeout_s=settings.redis_timeout_ms / 1000,
-                on_failure=settings.redis_on_failure,  # type: ignore[arg-type]
-            ),
-            limits=parse_rate_limits(settings.rate_limits),
+            settings.redis_config(), limits=parse_rate_limits(settings.rate_limits)
         )
     elif limiter_name:
         limiter = SharedRateLimiter.attach(

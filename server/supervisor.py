@@ -128,9 +128,10 @@ class Supervisor:
             log.warning("%s", warning)
         # One Numba thread per worker: parallelism comes from the processes.
         os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-        self._state = SharedCardState.create(
-            settings.state_capacity, snapshot=settings.snapshot_path
-        )
+        if settings.state_backend == "local":  # with Redis, the workers hold no card state
+            self._state = SharedCardState.create(
+                settings.state_capacity, snapshot=settings.snapshot_path
+            )
         if settings.rate_limits and settings.state_backend == "local":
             self._limiter = SharedRateLimiter.create(
                 settings.rate_limit_slots, limits=parse_rate_limits(settings.rate_limits)
@@ -349,13 +350,12 @@ class Supervisor:
         self._stopping = True
 
     def _start(self, slot: _WorkerSlot) -> None:
-        assert self._state is not None
         slot.process = self._context.Process(
             target=run_worker,
             args=(
                 slot.worker_id,
                 self.settings,
-                self._state.name,
+                self._state.name if self._state is not None else "",
                 self._events,
                 self._cpus[slot.worker_id],
                 self._limiter.name if self._limiter is not None else "",
@@ -426,8 +426,7 @@ class Supervisor:
             process.join()
             slot.process, slot.ready = None, False
             slot.restart_at = now + self.settings.restart_backoff_s
-            assert self._state is not None
-            if self._state.break_lock_of(process.pid):
+            if self._state is not None and self._state.break_lock_of(process.pid):
                 log.warning(
                     "worker %d died holding the card state lock; released it", slot.worker_id
                 )
@@ -440,7 +439,8 @@ class Supervisor:
             self._start(slot)
 
     def _snapshot(self) -> None:
-        assert self._state is not None
+        if self._state is None:
+            return
         path = self.settings.snapshot_path
         try:
             self._state.snapshot(path)

@@ -195,8 +195,6 @@ def open_traffic_store(settings: Any) -> Any:
     replicas, with change notification) when ``state_backend = "redis"``."""
     if settings.state_backend != "redis":
         return FileTrafficStore(Path(settings.models))
-    from .redis_state import RedisConfig, RedisTrafficStore
+    from .redis_state import RedisTrafficStore
 
-    return RedisTrafficStore(
-        RedisConfig(url=settings.redis_url, key_prefix=settings.redis_key_prefix)
-    )
+    return RedisTrafficStore(settings.redis_config())

@@ -149,7 +149,6 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     from .grpc.reflection import enable_reflection
     from .grpc.scoring import RequestIds, ScoringServicer
     from .registry import ModelRegistry
-    from .state import SharedCardState
     from .traffic import open_traffic_store
 
     registry = ModelRegistry(
@@ -161,7 +160,7 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     runtimes = registry.load_all()
     if not runtimes:
         raise RuntimeError(f"no loadable model package under {settings.models}")
-    state = SharedCardState.attach(state_name)
+    state = _open_card_state(settings, state_name)
     features.warmup()
     for runtime in runtimes:
         runtime.warmup()
@@ -184,7 +183,7 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     predictions = _start_prediction_log(worker_id, settings)
     shed: dict = {}  # the admission interceptor, once the server is built
     request_log = _start_request_log(
-        worker_id, settings, _observer(mirror, predictions, policy, shed)
+        worker_id, settings, _observer(mirror, predictions, policy, shed, state)
     )
     dataplane = DataPlane(
         registry,
@@ -254,9 +253,39 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     return server, health_servicer, state, (mirror, recorder, predictions, request_log)
 
 
-def _observer(mirror, predictions, policy, shed):  # noqa: ANN001, ANN202
+_STATE_COUNTERS = {
+    "calls": "Feature-state updates (one per scoring call)",
+    "round_trips": "Round trips to the state store",
+    "conflicts": "Card writes retried because another writer came first",
+    "degraded": "Calls scored with stateless features: the state store was unavailable",
+}
+
+
+def _open_card_state(settings, state_name: str):  # noqa: ANN001, ANN202
+    """The per-card feature state: the supervisor's shared-memory table, or Redis."""
+    if settings.state_backend != "redis":
+        from .state import SharedCardState
+
+        return SharedCardState.attach(state_name)
+    from redis.exceptions import RedisError
+
+    from .redis_cards import RedisCardState
+
+    state = RedisCardState(
+        settings.redis_config(),
+        ttl_s=settings.redis_card_ttl_days * 86_400,
+        cache_size=settings.redis_card_cache,
+    )
+    try:
+        state.warmup()
+    except RedisError as exc:  # serve anyway: each call then follows redis_on_failure
+        log.warning("card state: Redis unavailable at start-up: %s", exc)
+    return state
+
+
+def _observer(mirror, predictions, policy, shed, state):  # noqa: ANN001, ANN202
     """Series sampled when this worker publishes its metrics: queue depths, validation,
-    calls refused by admission control."""
+    calls refused by admission control, the Redis card state's round trips."""
     from .monitoring.metrics import counter, gauge
 
     def observe() -> list[dict]:
@@ -289,6 +318,13 @@ def _observer(mirror, predictions, policy, shed):  # noqa: ANN001, ANN202
             out.append(
                 counter("riskwire.admission.refused", admission.refused, {}, unit="{request}",
                         description="Calls refused on arrival: the queue was over its budget")
+            )  # fmt: skip
+        counters = getattr(state, "counters", None)
+        if counters is not None:  # Redis: round trips, lost compare-and-sets, degraded calls
+            out.extend(
+                counter(f"riskwire.state.{name}", value, {"backend": "redis"}, unit="{call}",
+                        description=_STATE_COUNTERS[name])
+                for name, value in counters().items()
             )  # fmt: skip
         return out
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from riskwire.kernels.encoding import TransactionArrays
-from riskwire.kernels.features import compute_features, compute_features_offline
+from riskwire.kernels.features import card_slots, compute_features, compute_features_offline
 from riskwire.kernels.schema import FEATURE_NAMES, NUM_FEATURES
 from riskwire.kernels.state import (
+    CARD_RECORD,
     HASH_MULTIPLIER,
     HASH_SHIFT,
     CardStateTable,
@@ -270,3 +271,35 @@ def test_shared_memory_across_processes(tmp_path) -> None:
         shm.unlink()
         with contextlib.suppress(BufferError):  # only if an assertion left views alive
             shm.close()
+
+
+def test_records_round_trip_through_another_table() -> None:
+    """A card's slot packed as a record and put into another table gives the same
+    features there: what the Redis store relies on."""
+    rng = np.random.default_rng(3)
+    rows = 200
+    keys = np.array([11, 12, 13], dtype=np.uint64)
+    tx = TransactionArrays(
+        card_key=keys[rng.integers(0, 3, rows)],
+        merchant_key=rng.integers(1, 30, rows).astype(np.uint64),
+        event_time_ms=np.cumsum(rng.integers(0, 600_000, rows)).astype(np.int64),
+        amount=rng.lognormal(3, 1, rows),
+        mcc=np.full(rows, 5411, np.int32),
+        country=rng.integers(0, 5, rows).astype(np.int32),
+        card_country=np.zeros(rows, np.int32),
+        currency=np.zeros(rows, np.int32),
+        channel=np.zeros(rows, np.int32),
+    )
+    head, tail = tx.take(np.arange(150)), tx.take(np.arange(150, rows))
+    expected, _ = compute_features_offline(tx)
+    _, big = compute_features_offline(head)
+    records = big.records(card_slots(big, keys))
+    assert records.dtype == CARD_RECORD and CARD_RECORD.itemsize == 256
+    assert big.occupied == 3  # the cards were there already: nothing inserted
+    small = CardStateTable.create(8, probe_limit=8)
+    small.put_records(card_slots(small, keys), records)
+    assert small.occupied == 3
+    served = compute_features(small, tail)
+    assert np.array_equal(served, expected[150:], equal_nan=True)
+    with pytest.raises(ValueError, match="non-zero"):
+        card_slots(small, np.array([0], dtype=np.uint64))
