@@ -73,9 +73,7 @@ _FIELDS: Final = (
 
 # One card's slot as a packed record (256 bytes, field order as in the table): what an
 # external store (Redis) keeps per card, moved in and out of a table by slot index.
-CARD_RECORD: Final = np.dtype(
-    [(name, dtype, shape) for name, dtype, shape in _FIELDS], align=False
-)
+CARD_RECORD: Final = np.dtype([(name, dtype, shape) for name, dtype, shape in _FIELDS], align=False)
 
 # snapshot file: fixed 64-byte header, then the table's bytes verbatim
 _FILE_MAGIC: Final = b"RWSNAP\x00\x00"

@@ -287,4 +287,3 @@ class RedisCardState:
 def _distinct(card_keys: np.ndarray) -> np.ndarray:
     """The distinct card keys of a call (one row: the key itself)."""
     return card_keys[:1] if len(card_keys) == 1 else np.unique(card_keys)
-
