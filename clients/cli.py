@@ -1,8 +1,11 @@
 """The ``riskwire`` command line.
 
     riskwire data synth --rows N --seed S --out FILE
+    riskwire data export --out FILE [--since T] [--until T] …  (see clients/export_cli.py)
     riskwire build --data FILE --name NAME [--config build.toml] [--models DIR] [--force]
+                   [--parent NAME/VERSION]
     riskwire runs list [--models DIR] [--json]
+    riskwire compare NAME CHAMPION CHALLENGER --data FILE …  (see clients/compare_cli.py)
     riskwire package verify PATH
     riskwire score [--local] (--json '{...}' | --card-id C --amount A ...)
     riskwire score-file IN --out OUT [--local]
@@ -17,6 +20,7 @@
     riskwire keys create|list|revoke …                  (see clients/keys_cli.py)
     riskwire certs dev [--out DIR]                      (see clients/certs_cli.py)
     riskwire audit verify|list …                        (see clients/audit_cli.py)
+    riskwire review next|label|list|stats|sync …        (see clients/review_cli.py)
 
 Heavy modules are imported inside each command so ``riskwire --help`` stays fast.
 """
@@ -63,6 +67,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         models=args.models,
         config=load_config(args.config),
         force=args.force,
+        parent=args.parent,
         log=lambda message: print(message, flush=True),
     )
     metrics = result.run["metrics"]
@@ -138,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, help="output file (.parquet or .csv)")
     synth.set_defaults(handler=_cmd_data_synth)
+    from . import export_cli
+
+    export_cli.register(data)
 
     build = commands.add_parser("build", help="build a model package from raw data")
     build.add_argument("--data", required=True, help="raw transactions (.parquet or .csv)")
@@ -147,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="retrain even if a run with the same data and config exists",
+    )
+    build.add_argument(
+        "--parent",
+        default=None,
+        metavar="NAME/VERSION",
+        help="the model version this build retrains (recorded as lineage), e.g. fraud/7",
     )
     _models_arg(build)
     build.set_defaults(handler=_cmd_build)
@@ -178,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         alerts_cli,
         audit_cli,
         certs_cli,
+        compare_cli,
         drift_cli,
         governance_cli,
         keys_cli,
         models_cli,
+        review_cli,
         shadow_cli,
     )
 
@@ -194,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cli.register(commands)
     governance_cli.register(commands)
     models_cli.register(commands)
+    compare_cli.register(commands)
+    review_cli.register(commands)
 
     serve = commands.add_parser("serve", help="serve models over gRPC")
     serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")

@@ -287,6 +287,9 @@ def summary_line(report: dict[str, Any]) -> str:
     )
     if first["quality"]:
         line += f", {first['quality']['verdict_text']}"
+        comparison = first["quality"].get("comparison")
+        if comparison:
+            line += f"; champion vs challenger: {comparison['verdict_text']}"
     return line
 
 

@@ -4,6 +4,10 @@ Stages, each a function of plain arrays so they can be tested alone:
 load and validate → time split → features through the kernels (the same code the
 server runs) → train with early stopping on validation → evaluate on test →
 profile → thresholds on validation → package → run registry.
+
+A ``weight`` column in the data is used as LightGBM sample weights (train and
+validation sets); evaluation and thresholds stay unweighted. ``parent`` names the model
+this build retrains (:mod:`.lineage`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from riskwire.kernels.schema import CATEGORICAL_FEATURES, FEATURE_NAMES, TIME_CO
 from . import provenance
 from .card import render_card
 from .config import BuildConfig
-from .data import RawData, file_sha256, load_raw
+from .data import WEIGHT_COLUMN, RawData, file_sha256, load_raw
 from .errors import DataValidationError
 from .evaluate import evaluate
+from .lineage import ModelRef, data_window, lineage_record, parse_model_ref
 from .package import PACKAGE_FORMAT, canonical_json, models_dir, write_package
 from .profile_build import build_profile, build_schema
 from .runs import append_run, find_matching_run
@@ -83,22 +88,38 @@ def time_split(rows: int, config: BuildConfig) -> Split:
     return Split(slice(0, train_end), slice(train_end, valid_end), slice(valid_end, rows))
 
 
+def offline_features(raw: RawData) -> np.ndarray:
+    """Model features of time-sorted raw rows, computed as the build trains on them: the
+    server's feature kernels run over the rows in order, card state starting empty."""
+    features, _ = compute_features_offline(encode_columns(raw.columns))
+    return features
+
+
 def train_booster(
-    features: np.ndarray, labels: np.ndarray, split: Split, config: BuildConfig
+    features: np.ndarray,
+    labels: np.ndarray,
+    split: Split,
+    config: BuildConfig,
+    weights: np.ndarray | None = None,
 ) -> lgb.Booster:
-    """LightGBM binary model, early-stopped on the validation split."""
+    """LightGBM binary model, early-stopped on the validation split (sample ``weights``
+    apply to both sets when given)."""
     categorical = [FEATURE_NAMES.index(name) for name in CATEGORICAL_FEATURES]
     params = config.lightgbm_params()
     train_set = lgb.Dataset(
         features[split.train],
         labels[split.train],
+        weight=None if weights is None else weights[split.train],
         feature_name=list(FEATURE_NAMES),
         categorical_feature=categorical,
         params=params,
         free_raw_data=True,
     )
     valid_set = lgb.Dataset(
-        features[split.validation], labels[split.validation], reference=train_set
+        features[split.validation],
+        labels[split.validation],
+        weight=None if weights is None else weights[split.validation],
+        reference=train_set,
     )
     return lgb.train(
         params,
@@ -116,16 +137,26 @@ def build(
     models: str | Path | None = None,
     config: BuildConfig | None = None,
     force: bool = False,
+    parent: str | ModelRef | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> BuildResult:
-    """Build a model package from a raw data file; see the module docstring."""
+    """Build a model package from a raw data file; see the module docstring.
+
+    ``parent`` (``NAME/VERSION``) is the model this build retrains, recorded as lineage.
+    """
     config = config or BuildConfig()
     root = models_dir(models)
+    if isinstance(parent, str):
+        parent = parse_model_ref(parent)
     data_sha256 = file_sha256(data_path)
     config_hash = config.config_hash()
     if not force:
         earlier = find_matching_run(
-            root, name=name, config_hash=config_hash, data_sha256=data_sha256
+            root,
+            name=name,
+            config_hash=config_hash,
+            data_sha256=data_sha256,
+            parent=None if parent is None else str(parent),
         )
         if earlier is not None:
             log(
@@ -138,10 +169,16 @@ def build(
 
     raw = load_raw(data_path)
     log(f"loaded {len(raw)} rows ({int(raw.labels.sum())} fraud) from {data_path}")
+    data = data_record(raw, Path(data_path).name, data_sha256)
+    lineage = lineage_record(
+        root, parent, data_window(data["first_event_time"], data["last_event_time"])
+    )
+    if lineage["parent"] is not None and not lineage["parent"]["found"]:
+        log(f"parent {parent} is not under {root}: recording its name and version only")
     split = time_split(len(raw), config)
-    features, _ = compute_features_offline(encode_columns(raw.columns))
+    features = offline_features(raw)
     labels = raw.labels.astype(np.float64)
-    booster = train_booster(features, labels, split, config)
+    booster = train_booster(features, labels, split, config, raw.weights)
     model_text = booster.model_to_string(num_iteration=booster.best_iteration)
     forest = Forest.from_model_string(model_text)
     scores = forest.predict(features)
@@ -175,7 +212,9 @@ def build(
                     "categorical_features": list(CATEGORICAL_FEATURES),
                 },
                 "thresholds": thresholds,
-                "data": _data_record(raw, Path(data_path).name, data_sha256),
+                "data": data,
+                "sample_weights": _weights_record(raw.weights),
+                "lineage": lineage,
                 "split": split.describe(raw.columns[TIME_COLUMN]),
                 "params": config.to_dict(),
                 "config_hash": config_hash,
@@ -207,6 +246,7 @@ def build(
             data_sha256=data_sha256,
             risk_category=config.risk_category,
             owner=config.owner,
+            lineage=lineage,
         ).encode(),
         "requirements.txt": provenance.requirements_txt().encode(),
     }
@@ -222,6 +262,9 @@ def build(
         "data_path": str(Path(data_path).resolve()),
         "data_sha256": data_sha256,
         "data_rows": len(raw),
+        "parent": None if parent is None else str(parent),
+        "lineage": lineage,
+        "sample_weights": raw.weights is not None,
         "code_commit": code["commit"],
         "code_dirty": code["dirty"],
         "libraries": libraries,
@@ -271,7 +314,8 @@ def _forest_bytes(forest: Forest) -> bytes:
         return path.read_bytes()
 
 
-def _data_record(raw: RawData, file_name: str, data_sha256: str) -> dict[str, Any]:
+def data_record(raw: RawData, file_name: str, data_sha256: str) -> dict[str, Any]:
+    """File name, hash, rows, fraud rows and event-time window of labelled raw data."""
     times = raw.columns[TIME_COLUMN]
     return {
         "file": file_name,
@@ -280,6 +324,19 @@ def _data_record(raw: RawData, file_name: str, data_sha256: str) -> dict[str, An
         "fraud_rows": int(raw.labels.sum()),
         "first_event_time": _iso(times[0]),
         "last_event_time": _iso(times[-1]),
+    }
+
+
+def _weights_record(weights: np.ndarray | None) -> dict[str, Any] | None:
+    if weights is None:
+        return None
+    return {
+        "column": WEIGHT_COLUMN,
+        "used_for": "LightGBM sample weights of the train and validation sets",
+        "sum": float(weights.sum()),
+        "min": float(weights.min()),
+        "max": float(weights.max()),
+        "zero_rows": int(np.count_nonzero(weights == 0)),
     }
 
 

@@ -35,7 +35,7 @@ Served by riskwire's compiled forest kernel, which reproduces LightGBM's raw sco
 within 1e-9.
 
 ## Data
-Training data SHA-256 `{data_sha256}`. Time-ordered split (no shuffling: the model is
+{lineage_line}Training data SHA-256 `{data_sha256}`. Time-ordered split (no shuffling: the model is
 always evaluated on payments later than those it learned from):
 
 | split | rows | first event | last event |
@@ -81,11 +81,13 @@ def render_card(
     data_sha256: str,
     risk_category: str = "high",
     owner: str = "fraud-risk ML team",
+    lineage: dict[str, Any] | None = None,
 ) -> str:
     """Markdown model card for one package (deterministic: no timestamps).
 
     ``risk_category`` (low | medium | high) and ``owner`` come from the build config; the
-    card says what the category means for promotion.
+    card says what the category means for promotion. ``lineage`` (metadata.json's) adds
+    a line naming the parent model when there is one.
     """
     if risk_category not in RISK_MEANINGS:
         raise ValueError(f"risk_category must be one of {', '.join(RISK_MEANINGS)}")
@@ -103,6 +105,7 @@ def render_card(
         owner=owner,
         num_features=NUM_FEATURES,
         data_sha256=data_sha256,
+        lineage_line=_lineage_line(lineage),
         split_rows=split_rows,
         roc_auc=test["roc_auc"],
         pr_auc=test["pr_auc"],
@@ -120,3 +123,19 @@ def render_card(
         review_target=thresholds["review_fpr_target"],
         decline_target=thresholds["decline_fpr_target"],
     )
+
+
+def _lineage_line(lineage: dict[str, Any] | None) -> str:
+    parent = (lineage or {}).get("parent")
+    if not parent:
+        return ""
+    line = f"Retrained from **{parent['name']} v{parent['version']}**"
+    if parent.get("found"):
+        window = parent["data_window"]
+        line += (
+            f" (package manifest SHA-256 `{parent['manifest_sha256']}`, trained on data from "
+            f"{window['first_event_time']} to {window['last_event_time']})"
+        )
+    else:
+        line += " (its package was not in the models directory at build time)"
+    return line + ".\n"

@@ -31,6 +31,9 @@ from riskwire.kernels.schema import (
 from .errors import DataValidationError
 
 _HASH_CHUNK_BYTES = 1 << 20
+# Optional column of non-negative sample weights (training and evaluation); a row of
+# weight 2 counts as two copies of it. Not a model input: the server never sees it.
+WEIGHT_COLUMN = "weight"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class RawData:
 
     columns: dict[str, np.ndarray]  # strings as object arrays, event_time int64 ms
     labels: np.ndarray | None  # int8, or None when the file has no label column
+    weights: np.ndarray | None = None  # float64 sample weights, None without a weight column
 
     def __len__(self) -> int:
         return len(self.columns[TIME_COLUMN])
@@ -134,6 +138,7 @@ def validate_table(table: pa.Table, *, require_label: bool = True) -> RawData:
         columns[name] = values
     columns[TIME_COLUMN] = _time_column(table, n)
     labels = _label_column(table, n) if LABEL_COLUMN in table.column_names else None
+    weights = _weight_column(table, n) if WEIGHT_COLUMN in table.column_names else None
     if require_label and labels is not None and labels.min() == labels.max():
         raise DataValidationError(
             f"column {LABEL_COLUMN!r}: all {n} rows have label {int(labels[0])}; "
@@ -143,7 +148,8 @@ def validate_table(table: pa.Table, *, require_label: bool = True) -> RawData:
     if not np.all(order[1:] > order[:-1]):
         columns = {name: values[order] for name, values in columns.items()}
         labels = labels[order] if labels is not None else None
-    return RawData(columns=columns, labels=labels)
+        weights = weights[order] if weights is not None else None
+    return RawData(columns=columns, labels=labels, weights=weights)
 
 
 def load_raw(path: str | Path, *, require_label: bool = True) -> RawData:
@@ -253,6 +259,18 @@ def _parse_time_ms(text: str) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+def _weight_column(table: pa.Table, n: int) -> np.ndarray:
+    values = _numeric_column(table, WEIGHT_COLUMN, n, pa.float64())
+    bad = int(np.count_nonzero(~np.isfinite(values) | (values < 0)))
+    if bad:
+        raise DataValidationError(
+            f"column {WEIGHT_COLUMN!r}: {bad} of {n} rows are negative, NaN or infinite"
+        )
+    if not values.sum() > 0:
+        raise DataValidationError(f"column {WEIGHT_COLUMN!r}: all {n} rows have weight 0")
+    return values
 
 
 def _label_column(table: pa.Table, n: int) -> np.ndarray:

@@ -72,6 +72,11 @@ def manifest_text(directory: Path, names: tuple[str, ...] = PACKAGE_FILES) -> st
     return "\n".join(lines) + "\n"
 
 
+def manifest_sha256(path: str | Path) -> str:
+    """SHA-256 of a package's MANIFEST.sha256: one hash that pins every file of it."""
+    return _sha256(Path(path) / MANIFEST_NAME)
+
+
 def list_versions(root: Path, name: str) -> list[int]:
     """Integer versions present under ``root/name`` (ascending)."""
     base = root / name

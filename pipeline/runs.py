@@ -45,14 +45,16 @@ def read_runs(root: Path) -> list[dict[str, Any]]:
 
 
 def find_matching_run(
-    root: Path, *, name: str, config_hash: str, data_sha256: str
+    root: Path, *, name: str, config_hash: str, data_sha256: str, parent: str | None = None
 ) -> dict[str, Any] | None:
-    """The latest run of ``name`` with this config and data whose package still exists."""
+    """The latest run of ``name`` with this config, data and parent (``NAME/VERSION`` or
+    None) whose package still exists."""
     for run in reversed(read_runs(root)):
         if (
             run.get("name") == name
             and run.get("config_hash") == config_hash
             and run.get("data_sha256") == data_sha256
+            and run.get("parent") == parent
             and Path(run.get("package_path", "")).is_dir()
         ):
             return run
@@ -60,9 +62,9 @@ def find_matching_run(
 
 
 def format_runs(runs: list[dict[str, Any]]) -> str:
-    """A fixed-width table of runs for the terminal."""
+    """A fixed-width table of runs for the terminal (``parent``: the model retrained)."""
     header = (
-        f"{'run_id':<14} {'model':<10} {'ver':>4} {'roc_auc':>8} {'pr_auc':>8} "
+        f"{'run_id':<14} {'model':<10} {'ver':>4} {'parent':<14} {'roc_auc':>8} {'pr_auc':>8} "
         f"{'rows':>9}  {'data':<12} {'code':<12} built_at"
     )
     lines = [header]
@@ -70,7 +72,8 @@ def format_runs(runs: list[dict[str, Any]]) -> str:
         metrics = run.get("metrics", {})
         lines.append(
             f"{run.get('run_id', '?'):<14} {run.get('name', '?'):<10} "
-            f"{run.get('version', '?'):>4} {metrics.get('roc_auc', float('nan')):>8.4f} "
+            f"{run.get('version', '?'):>4} {run.get('parent') or '-':<14} "
+            f"{metrics.get('roc_auc', float('nan')):>8.4f} "
             f"{metrics.get('pr_auc', float('nan')):>8.4f} {run.get('data_rows', 0):>9} "
             f" {run.get('data_sha256', '')[:12]:<12} {run.get('code_commit', '')[:12]:<12} "
             f"{run.get('built_at', '')}"

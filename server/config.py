@@ -73,7 +73,15 @@ class Settings:
     drift_publish_s: float = 5.0  # workers publish their sketches this often
     drift_eval_s: float = 10.0  # the supervisor measures drift and evaluates alerts
     drift_min_count: int = 200  # fewer requests in a window: no drift verdict (NaN)
-    prediction_log_rate: float = 100.0  # percent of answers logged (0 = off), for live AUC
+    # Percent of answers logged (0 = off) with their inputs as received and features as
+    # served: live AUC once labels arrive, and the next model's training data.
+    prediction_log_rate: float = 100.0
+    prediction_log_card_ids: bool = False  # also log raw card ids (else only their hash)
+    # Human review: "review" decisions, plus this percent of the others (so the labelled
+    # set is not only the grey zone), queue as cases (riskwire review next / label).
+    review_queue: bool = True
+    review_sample_percent: float = 1.0
+    review_queue_path: str = ""  # "" = <shadow_dir>/review.sqlite
     performance_eval_s: float = 300.0  # live performance from logged predictions + labels
     performance_min_labels: int = 100  # fewer labelled predictions in a window: NaN
     alert_rules: str = ""  # TOML file with [[rule]] and [[route]] tables; "" = defaults
@@ -241,6 +249,8 @@ class Settings:
             raise SettingsError(f"state_backend {self.state_backend!r} is not local or redis")
         if self.redis_on_failure not in ("closed", "degrade") or self.redis_timeout_ms <= 0:
             raise SettingsError("redis_on_failure must be closed or degrade, redis_timeout_ms > 0")
+        if not 0.0 <= self.review_sample_percent <= 100.0:
+            raise SettingsError("review_sample_percent must be in 0..100")
         if self.redis_card_ttl_days < 0 or self.redis_card_cache < 1:
             raise SettingsError("redis_card_ttl_days must be >= 0, redis_card_cache >= 1")
         if self.state_backend == "redis":
@@ -298,6 +308,11 @@ class Settings:
     def shadow_path(self) -> Path:
         """Where shadow records and labels are written."""
         return Path(self.shadow_dir or Path(self.models) / ".shadow")
+
+    @property
+    def review_queue_file(self) -> Path:
+        """The review queue (SQLite)."""
+        return Path(self.review_queue_path or self.shadow_path / "review.sqlite")
 
     @property
     def key_file(self) -> Path:

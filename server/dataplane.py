@@ -66,6 +66,16 @@ class PredictionSink(Protocol):
     def add_many(self, *args: object) -> None: ...
 
 
+class ReviewQueueSink(Protocol):
+    """Cases for human review (riskwire.server.review.ReviewSink)."""
+
+    def wants(self, decision: str) -> float: ...
+
+    def wants_many(self, decisions: np.ndarray) -> np.ndarray: ...
+
+    def offer(self, *args: object) -> None: ...
+
+
 class FeatureState(Protocol):
     """Per-card state that turns encoded transactions into feature rows."""
 
@@ -147,9 +157,11 @@ class DataPlane:
         policy: ValidationPolicy | None = None,
         monitor: Monitor | None = None,
         predictions: PredictionSink | None = None,
+        review: ReviewQueueSink | None = None,
     ) -> None:
         self.registry = registry
         self.predictions = predictions
+        self.review = review
         self.mirror = mirror
         self.policy = policy
         self.monitor = monitor
@@ -267,8 +279,20 @@ class DataPlane:
         if predictions is not None:
             predictions.add_one(
                 request_id, transaction_id, self._clock_ms(), model.name, model.version,
-                probability, decision,
+                probability, decision, card_key,
+                (card_id, merchant_id, mcc, amount, currency, country, card_country, channel,
+                 int(tx.event_time_ms[0])),
+                row.copy(), flags,
             )  # fmt: skip
+        review = self.review
+        if review is not None:
+            inclusion = review.wants(decision)
+            if inclusion:
+                review.offer(
+                    model.name, model.version, request_id, transaction_id,
+                    int(tx.event_time_ms[0]), card_key, probability, decision, inclusion,
+                    row.copy(), model.feature_names, reasons, model.forest.top_reasons,
+                )  # fmt: skip
         if stages:
             t_recorded = time.perf_counter()
         mirror = self.mirror
@@ -388,8 +412,8 @@ class DataPlane:
                 versions = np.full(rows, "", dtype=object)
             for runtime, rows_of in groups:
                 self._score_rows(
-                    runtime, rows_of, valid, features, tx, flagged, columns, probabilities,
-                    decisions, reasons, top_reasons, request_id, started,
+                    runtime, rows_of, valid, features, tx, flagged, flags, columns,
+                    probabilities, decisions, reasons, top_reasons, request_id, started,
                 )  # fmt: skip
                 if versions is not None:
                     versions[valid[rows_of]] = runtime.version
@@ -423,7 +447,8 @@ class DataPlane:
 
     def _score_rows(
         self, model: ModelRuntime, rows_of: np.ndarray | slice, valid: np.ndarray,
-        features: np.ndarray, tx: TransactionArrays, flagged: np.ndarray, columns: Mapping,
+        features: np.ndarray, tx: TransactionArrays, flagged: np.ndarray,
+        flags: list[tuple[str, ...]], columns: Mapping,
         probabilities: np.ndarray, decisions: np.ndarray, reasons: list | None,
         top_reasons: int, request_id: str, started: float,
     ) -> None:  # fmt: skip
@@ -438,10 +463,13 @@ class DataPlane:
         decisions[index] = model.decisions(scores)
         if self.predictions is not None:
             self.predictions.add_many(
-                request_id, columns.get("transaction_id"), index,
-                np.full(len(index), self._clock_ms()), model.name, model.version,
-                scores, decisions[index],
+                request_id, index, self._clock_ms(), model.name, model.version, scores,
+                decisions[index], tx.card_key[rows_of], tx.event_time_ms[rows_of], columns,
+                rows_features, flags,
             )  # fmt: skip
+        if self.review is not None:
+            self._offer_for_review(model, index, rows_of, tx, scores, decisions,
+                                   rows_features, columns, request_id)  # fmt: skip
         if self.monitor is not None:
             self.monitor.record_many(
                 model.name, model.version, rows_features, tx.card_country[rows_of], scores,
@@ -468,6 +496,25 @@ class DataPlane:
                 _mirrored_call_ids() if self.trace_stages else None,
                 CALL.client,
             )
+
+    def _offer_for_review(
+        self, model: ModelRuntime, index: np.ndarray, rows_of: np.ndarray | slice,
+        tx: TransactionArrays, scores: np.ndarray, decisions: np.ndarray,
+        features: np.ndarray, columns: Mapping, request_id: str,
+    ) -> None:  # fmt: skip
+        """Queue the batch rows the review sink wants (ids ``<request_id>/<row>``)."""
+        review = self.review
+        inclusion = review.wants_many(decisions[index])
+        times, cards = tx.event_time_ms[rows_of], tx.card_key[rows_of]
+        tids = columns.get("transaction_id")
+        for j in np.flatnonzero(inclusion).tolist():
+            row = int(index[j])
+            review.offer(
+                model.name, model.version, f"{request_id}/{row}", tids[row] if tids else "",
+                int(times[j]),
+                int(cards[j]), float(scores[j]), decisions[row], float(inclusion[j]),
+                features[j].copy(), model.feature_names, None, model.forest.top_reasons,
+            )  # fmt: skip
 
     def _validate_batch(
         self,

@@ -97,7 +97,7 @@ def run_worker(
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
-        server, health, state, (mirror, recorder, predictions, request_log) = _build_server(
+        server, health, state, (mirror, recorder, predictions, request_log, review) = _build_server(
             worker_id, settings, state_name, events, limiter_name
         )
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, then exit non-zero
@@ -128,6 +128,8 @@ def run_worker(
         predictions.stop()
     if request_log is not None:
         request_log.stop()
+    if review is not None:
+        review.close()
     state.close()
     log.info("stopped")
     logging.shutdown()
@@ -182,8 +184,9 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     watcher.start()
     predictions = _start_prediction_log(worker_id, settings)
     shed: dict = {}  # the admission interceptor, once the server is built
+    review = _start_review_sink(settings)
     request_log = _start_request_log(
-        worker_id, settings, _observer(mirror, predictions, policy, shed, state)
+        worker_id, settings, _observer(mirror, predictions, policy, shed, state, review)
     )
     dataplane = DataPlane(
         registry,
@@ -194,6 +197,7 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
         policy=policy,
         monitor=recorder,
         predictions=predictions,
+        review=review,
     )
     dataplane.trace_stages = request_log is not None and request_log.tracing is not None
     if dataplane.trace_stages:
@@ -250,7 +254,12 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     serving.set()
     events.put(WorkerReady(worker_id, os.getpid(), tuple(registry.names())))
     log.info("serving %s on %s", ", ".join(r.name + " v" + r.version for r in runtimes), address)
-    return server, health_servicer, state, (mirror, recorder, predictions, request_log)
+    return (
+        server,
+        health_servicer,
+        state,
+        (mirror, recorder, predictions, request_log, dataplane.review),
+    )
 
 
 _STATE_COUNTERS = {
@@ -283,7 +292,7 @@ def _open_card_state(settings, state_name: str):  # noqa: ANN001, ANN202
     return state
 
 
-def _observer(mirror, predictions, policy, shed, state):  # noqa: ANN001, ANN202
+def _observer(mirror, predictions, policy, shed, state, review):  # noqa: ANN001, ANN202
     """Series sampled when this worker publishes its metrics: queue depths, validation,
     calls refused by admission control, the Redis card state's round trips."""
     from .monitoring.metrics import counter, gauge
@@ -292,6 +301,8 @@ def _observer(mirror, predictions, policy, shed, state):  # noqa: ANN001, ANN202
         depths = {"shadow": mirror.queued()}
         if predictions is not None:
             depths["prediction_log"] = predictions.pending
+        if review is not None:
+            depths["review"] = review.backlog
         out = [
             gauge(
                 "riskwire.queue.depth",
@@ -402,11 +413,23 @@ def _start_prediction_log(worker_id, settings):  # noqa: ANN001, ANN202
         settings.shadow_path,
         worker_id,
         rate_percent=settings.prediction_log_rate,
+        card_ids=settings.prediction_log_card_ids,
         flush_seconds=settings.shadow_flush_seconds,
         flush_rows=settings.shadow_flush_rows,
     )
     log_.start()
     return log_
+
+
+def _start_review_sink(settings):  # noqa: ANN001, ANN202
+    """Cases for human review from this worker (None when the queue is off)."""
+    if not settings.review_queue:
+        return None
+    from .review import ReviewSink
+
+    return ReviewSink(
+        settings.review_queue_file, sample_rate=settings.review_sample_percent / 100.0
+    )
 
 
 def _start_recorder(worker_id, settings, runtimes, policy):  # noqa: ANN001, ANN202

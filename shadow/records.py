@@ -80,18 +80,37 @@ LABEL_SCHEMA = pa.schema(
 )
 
 
+# The prediction log: what was answered, and the inputs as received and features as
+# served at decision time (the training data of the next model: riskwire data export).
 PREDICTION_SCHEMA = pa.schema(
     [
         pa.field("request_id", pa.string()),
         pa.field("transaction_id", pa.string()),
-        pa.field("time", _TIME),
+        pa.field("time", _TIME),  # when the answer was given
         pa.field("worker", pa.int16()),
         pa.field("model", pa.string()),
         pa.field("version", pa.string()),
         pa.field("probability", pa.float64()),
         pa.field("decision", pa.string()),
+        pa.field("entity_hash", pa.uint64()),  # the card's keyed hash (as in the records)
+        pa.field("card_id", pa.string()),  # the raw card id: null unless allowed by config
+        pa.field("merchant_id", pa.string()),
+        pa.field("mcc", pa.int32()),
+        pa.field("amount", pa.float64()),
+        pa.field("currency", pa.string()),
+        pa.field("country", pa.string()),
+        pa.field("card_country", pa.string()),
+        pa.field("channel", pa.string()),
+        pa.field("event_time", _TIME),  # as scored (the server's clock when none was sent)
+        pa.field("log_rate", pa.float64()),  # fraction of answers logged at the time
+        pa.field("flags", pa.string()),  # response flags, ";"-joined; null when none
+        *(pa.field(c, pa.float64()) for c in FEATURE_COLUMNS),
     ]
 )
+RAW_COLUMNS = (
+    "card_id", "merchant_id", "mcc", "amount", "currency", "country", "card_country",
+    "channel", "event_time",
+)  # fmt: skip
 
 
 class SegmentWriter:

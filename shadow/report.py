@@ -5,8 +5,11 @@ label), and returns JSON-ready numbers per (primary model, version, shadow model
 version) pair: the same :class:`~riskwire.shadow.compare.PairStats` summary the server
 keeps online, the decision flip matrix, latency quantiles, agreement over time and,
 where labels have arrived, ROC AUC and average precision of both models on the same
-labelled requests with paired bootstrap confidence intervals (:mod:`.metrics`).
-:mod:`.report_html` turns them into an HTML page.
+labelled requests with paired bootstrap confidence intervals (:mod:`.metrics`), and the
+champion (primary) vs challenger (shadow) comparison of ``riskwire compare``
+(:func:`riskwire.pipeline.compare.compare_models`: recall at the serving FPR and the cost
+of each model's own decline decisions, with intervals and a verdict) under
+``quality.comparison``. :mod:`.report_html` turns them into an HTML page.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from riskwire.pipeline.compare import compare_models
 
 from .compare import DECISIONS, SCORE_EDGES, PairStats, decision_codes, score_histogram
 from .metrics import RankedScores, bootstrap_metrics
@@ -238,9 +243,10 @@ def _quality(c: RecordColumns, *, bootstrap: int, seed: int) -> dict[str, Any] |
     scores = (c.primary[use], c.shadow[use])
     point = [RankedScores(s, y).metrics() for s in scores]
     boot = bootstrap_metrics(scores, y, replicates=bootstrap, seed=seed)
-    models = {}
+    models, declined = {}, []
     for i, name in enumerate(("primary", "shadow")):
         codes = decision_codes((c.primary_decision, c.shadow_decision)[i][use])
+        declined.append(codes == DECISIONS.index("decline"))
         models[name] = {
             "roc_auc": float(point[i][0][0]),
             "roc_auc_ci": _interval(boot[i, 0]),
@@ -256,6 +262,11 @@ def _quality(c: RecordColumns, *, bootstrap: int, seed: int) -> dict[str, Any] |
         "pr_auc_ci": _interval(boot[1, 1] - boot[0, 1]),
     }
     code, text = verdict(difference["roc_auc"], *difference["roc_auc_ci"])
+    # champion = primary, challenger = shadow; the same resamples as above (same rows,
+    # replicates and seed), so its ROC AUC intervals are the ones above
+    comparison = None
+    if len(y):
+        comparison = compare_models(y, *scores, declined=declined, n_boot=bootstrap, seed=seed)
     if 0 < int(y.sum()) < FEW_POSITIVES:
         text += f" (only {int(y.sum())} fraud labels: treat with care)"
     return {
@@ -267,6 +278,7 @@ def _quality(c: RecordColumns, *, bootstrap: int, seed: int) -> dict[str, Any] |
         "difference": difference,
         "verdict": code,
         "verdict_text": text,
+        "comparison": comparison,
     }
 
 

@@ -17,6 +17,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from riskwire.pipeline.compare import (
+    CHALLENGER_BETTER,
+    CHAMPION_BETTER,
+    METRIC_TITLES,
+    METRICS,
+    ROLES,
+)
+
 from .compare import DECISIONS, decision_codes
 from .metrics import RankedScores
 from .report import FEW_POSITIVES, LATENCY_QUANTILES, PAIR_KEYS, RecordColumns, pair_groups
@@ -161,7 +169,43 @@ def _pair_section(n: int, pair: dict[str, Any], c: RecordColumns) -> str:
     )
     return (
         f"<section class='pair' id='pair-{n}'><h2>{html.escape(_pair_name(pair))}</h2>"
-        f"{facts}{errors}{blocks}</section>"
+        f"{facts}{errors}{blocks}{_comparison_html(pair, suffix)}</section>"
+    )
+
+
+def _comparison_html(pair: dict[str, Any], suffix: str) -> str:
+    """Champion (primary) vs challenger (shadow): the ``riskwire compare`` table."""
+    comparison = (pair["quality"] or {}).get("comparison")
+    if not comparison:
+        return ""
+    rows = []
+    for metric in METRICS:
+        cells = [
+            _fmt(comparison[role][metric]) + _ci(comparison[role][f"{metric}_ci"]) for role in ROLES
+        ]
+        d = comparison["difference"]
+        rows.append([
+            html.escape(METRIC_TITLES[metric]), *cells,
+            _fmt(d[metric], "+.4f") + _ci(d[f"{metric}_ci"]),
+        ])  # fmt: skip
+    header = ["metric", "champion (primary) [95% CI]", "challenger (shadow) [95% CI]",
+              "challenger − champion [95% CI]"]  # fmt: skip
+    costs = comparison["costs"]
+    note = (
+        f"<p class='meta'>Cost per request = ({costs['missed_fraud']:g} × missed frauds + "
+        f"{costs['false_decline']:g} × false declines) / requests, at each model's own decline "
+        f"decisions; recall at the serving FPR ({_fmt(comparison['serving_fpr'])}, the "
+        "primary's false-decline rate on these requests). "
+        f"{comparison['bootstrap']['resamples']} paired bootstrap resamples.</p>"
+    )
+    css = {CHALLENGER_BETTER: "better", CHAMPION_BETTER: "worse"}.get(comparison["verdict"], "")
+    verdict_line = (
+        f"<p class='{css}'><b>Champion vs challenger:</b> "
+        f"{html.escape(comparison['verdict_text'])}</p>"
+    )
+    return (
+        f"<div class='comparison' id='champion-challenger{suffix}'><h3>Champion vs "
+        f"challenger: decisions and cost</h3>{_table(header, rows)}{note}{verdict_line}</div>"
     )
 
 

@@ -12,13 +12,18 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from riskwire.shadow.records import PREDICTION_SCHEMA, PREDICTIONS, SegmentWriter
+from riskwire.shadow.records import (
+    PREDICTION_SCHEMA,
+    PREDICTIONS,
+    RAW_COLUMNS,
+    SegmentWriter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +33,22 @@ class _Batch:
     """The scored rows of one batch call, as the handler had them."""
 
     request_id: str
-    transaction_ids: Sequence[str] | None
-    rows: np.ndarray
-    time_ms: np.ndarray
+    rows: np.ndarray  # row numbers in the request
+    time_ms: int
     model: str
     version: str
     probabilities: np.ndarray
     decisions: np.ndarray
+    card_keys: np.ndarray
+    event_times: np.ndarray  # as scored, ms
+    columns: Mapping[str, Sequence]  # the request's columns, as received
+    features: np.ndarray  # one row per scored row
+    flags: Sequence[tuple[str, ...]]  # per request row
 
 
 class PredictionLog:
-    """One worker's prediction log."""
+    """One worker's prediction log: answers with their inputs as received and features
+    as served. Raw card ids are left out (null) unless ``card_ids`` allows them."""
 
     def __init__(
         self,
@@ -46,12 +56,14 @@ class PredictionLog:
         worker: int,
         *,
         rate_percent: float = 100.0,
+        card_ids: bool = False,
         flush_rows: int = 10_000,
         flush_seconds: float = 5.0,
         drain_s: float = 0.5,
     ) -> None:
         self.worker = worker
         self.rate_percent = rate_percent
+        self.card_ids = card_ids
         self._pending: deque = deque()
         self._random = random.random
         self._writer = SegmentWriter(
@@ -74,35 +86,47 @@ class PredictionLog:
         version: str,
         probability: float,
         decision: str,
+        card_key: int,
+        raw: tuple,
+        features: np.ndarray,
+        flags: tuple[str, ...],
     ) -> None:
-        """Log one answer (sampled at ``rate_percent``)."""
+        """Log one answer (sampled at ``rate_percent``). ``raw`` holds the inputs as
+        received in :data:`RAW_COLUMNS` order (event time as scored, in ms); ``features``
+        must not be written to afterwards (pass a copy of a reused buffer)."""
         if self.rate_percent < 100.0 and self._random() * 100.0 >= self.rate_percent:
             return
         self._pending.append(
-            (request_id, transaction_id, time_ms, model, version, probability, decision)
-        )
+            (request_id, transaction_id, time_ms, model, version, probability, decision,
+             card_key, raw, features, flags)
+        )  # fmt: skip
 
     def add_many(
         self,
         request_id: str,
-        transaction_ids: Sequence[str] | None,
         rows: np.ndarray,
-        time_ms: np.ndarray,
+        time_ms: int,
         model: str,
         version: str,
         probabilities: np.ndarray,
         decisions: np.ndarray,
+        card_keys: np.ndarray,
+        event_times: np.ndarray,
+        columns: Mapping[str, Sequence],
+        features: np.ndarray,
+        flags: Sequence[tuple[str, ...]],
     ) -> None:
-        """Log the scored rows of a batch call (ids ``<request_id>/<row>``); the strings
-        are built by the background thread, not here."""
+        """Log the scored rows of a batch call (ids ``<request_id>/<row>``): ``rows`` are
+        their numbers in the request's ``columns``; the other arrays have one entry per
+        scored row. The strings are built by the background thread, not here."""
         if self.rate_percent < 100.0:
             keep = np.random.random(len(rows)) * 100.0 < self.rate_percent
-            rows, time_ms = rows[keep], time_ms[keep]
-            probabilities, decisions = probabilities[keep], decisions[keep]
+            rows, probabilities, decisions = rows[keep], probabilities[keep], decisions[keep]
+            card_keys, event_times, features = card_keys[keep], event_times[keep], features[keep]
         if len(rows):
             self._pending.append(
-                _Batch(request_id, transaction_ids, rows, time_ms, model, version,
-                       probabilities, decisions)
+                _Batch(request_id, rows, time_ms, model, version, probabilities, decisions,
+                       card_keys, event_times, columns, features, flags)
             )  # fmt: skip
 
     @property
@@ -126,33 +150,42 @@ class PredictionLog:
         pending = self._pending
         items = [pending.popleft() for _ in range(len(pending))]
         singles = [item for item in items if not isinstance(item, _Batch)]
-        columns = []
-        if singles:
-            ids, transactions, times, models, versions, probabilities, decisions = zip(
-                *singles, strict=True
-            )
-            columns.append(
-                [
-                    list(ids), list(transactions), list(times), [self.worker] * len(singles),
-                    list(models), list(versions), list(probabilities), list(decisions),
-                ]
-            )  # fmt: skip
-        for batch in (item for item in items if isinstance(item, _Batch)):
-            rows = batch.rows.tolist()
-            n, tids = len(rows), batch.transaction_ids
-            columns.append(
-                [
-                    [f"{batch.request_id}/{i}" for i in rows],
-                    [tids[i] for i in rows] if tids else [""] * n,
-                    batch.time_ms.tolist(), [self.worker] * n, [batch.model] * n,
-                    [batch.version] * n, batch.probabilities.tolist(), list(batch.decisions),
-                ]
-            )  # fmt: skip
+        chunks = [self._singles_columns(singles)] if singles else []
+        chunks += [self._batch_columns(item) for item in items if isinstance(item, _Batch)]
         try:
-            for chunk in columns:
+            for chunk in chunks:
                 self._writer.add_rows(chunk)
         except OSError as exc:
             log.error("prediction log could not be written: %s", exc)
+
+    def _singles_columns(self, singles: list[tuple]) -> list[Sequence]:
+        (ids, transactions, times, models, versions, probabilities, decisions, card_keys,
+         raws, features, flags) = zip(*singles, strict=True)  # fmt: skip
+        n = len(singles)
+        raw_columns = list(zip(*raws, strict=True))
+        if not self.card_ids:
+            raw_columns[0] = [None] * n
+        return [
+            list(ids), list(transactions), list(times), [self.worker] * n, list(models),
+            list(versions), list(probabilities), list(decisions), list(card_keys),
+            *map(list, raw_columns), [self.rate_percent / 100.0] * n,
+            [";".join(f) or None for f in flags], *np.vstack(features).T,
+        ]  # fmt: skip
+
+    def _batch_columns(self, batch: _Batch) -> list[Sequence]:
+        rows = batch.rows.tolist()
+        n, columns = len(rows), batch.columns
+        raw = [[columns[name][i] for i in rows] for name in RAW_COLUMNS[1:-1]]
+        tids = columns.get("transaction_id")
+        return [
+            [f"{batch.request_id}/{i}" for i in rows],
+            [tids[i] for i in rows] if tids else [""] * n,
+            [batch.time_ms] * n, [self.worker] * n, [batch.model] * n, [batch.version] * n,
+            batch.probabilities.tolist(), list(batch.decisions), batch.card_keys.tolist(),
+            [columns["card_id"][i] for i in rows] if self.card_ids else [None] * n,
+            *raw, batch.event_times.tolist(), [self.rate_percent / 100.0] * n,
+            [";".join(batch.flags[i]) or None for i in rows], *batch.features.T,
+        ]  # fmt: skip
 
     def _run(self) -> None:
         while not self._stop.wait(self._drain_s):

@@ -49,6 +49,14 @@ def test_good_table_is_sorted_and_typed() -> None:
     assert [by_id[t] for t in raw.columns["transaction_id"]] == raw.labels.tolist()
 
 
+def test_weight_column_is_optional_and_sorted_with_the_rows() -> None:
+    assert validate_table(good_table()).weights is None
+    weights = [float(i) for i in range(6)]
+    raw = validate_table(good_table().append_column("weight", pa.array(weights)))
+    by_id = {f"tx-{i}": w for i, w in enumerate(weights)}
+    assert [by_id[t] for t in raw.columns["transaction_id"]] == raw.weights.tolist()
+
+
 def replace(table: pa.Table, name: str, values: pa.Array | list) -> pa.Table:
     return table.set_column(table.column_names.index(name), name, pa.array(values))
 
@@ -92,6 +100,14 @@ def replace(table: pa.Table, name: str, values: pa.Array | list) -> pa.Table:
         (
             lambda t: replace(t, "mcc", [5411.0, 5411.5, 1, 2, 3, 4]),
             r"'mcc': 1 of 6 rows are not integers",
+        ),
+        (
+            lambda t: t.append_column("weight", pa.array([1.0, -1, 1, float("inf"), 1, 1])),
+            r"'weight': 2 of 6 rows are negative, NaN or infinite",
+        ),
+        (
+            lambda t: t.append_column("weight", pa.array([0.0] * 6)),
+            r"'weight': all 6 rows have weight 0",
         ),
     ],
 )

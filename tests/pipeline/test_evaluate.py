@@ -41,6 +41,29 @@ def test_metrics_match_sklearn(data) -> None:
     assert recall_at_fpr(labels, scores, 0.2) == pytest.approx(tpr[fpr <= 0.2].max())
 
 
+@settings(max_examples=100, deadline=None)
+@given(labelled_scores, st.data())
+def test_weighted_metrics_match_sklearn(data, draw) -> None:
+    labels, scores = (np.asarray(v, dtype=np.float64) for v in data)
+    n = len(labels)
+    weights = np.asarray(
+        draw.draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 3.0]), min_size=n, max_size=n))
+    )
+    positive = weights[labels == 1].sum()
+    negative = weights[labels == 0].sum()
+    if not (positive > 0 and negative > 0):
+        return
+    assert roc_auc(labels, scores, weights) == pytest.approx(
+        skm.roc_auc_score(labels, scores, sample_weight=weights), abs=1e-12
+    )
+    assert average_precision(labels, scores, weights) == pytest.approx(
+        skm.average_precision_score(labels, scores, sample_weight=weights), abs=1e-12
+    )
+    assert brier_score(labels, scores, weights) == pytest.approx(
+        skm.brier_score_loss(labels, scores, sample_weight=weights)
+    )
+
+
 def test_calibration_table_covers_all_rows() -> None:
     rng = np.random.default_rng(1)
     scores = rng.random(10_000)

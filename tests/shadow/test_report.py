@@ -230,6 +230,30 @@ def test_report_quality_matches_sklearn(data, report):
     assert _pair(report, MAIN_PAIR)["quality"]["verdict"] == "better"
 
 
+def test_report_has_the_champion_challenger_comparison(data, report):
+    labels = _labels_by_request(data["labelled"], data["rows"])
+    pair, exp = _pair(report, MAIN_PAIR), _expected(data["rows"], MAIN_PAIR)
+    y = np.array([labels.get(r, -1) for r in exp["request_id"]])
+    use = (y >= 0) & ~np.isnan(exp["shadow"])
+    q = pair["quality"]
+    c = q["comparison"]
+    assert c["rows"] == q["rows"] and c["positives"] == q["positives"]
+    assert c["bootstrap"]["resamples"] == 200 and c["costs"]["missed_fraud"] == 10
+    legit = y[use] == 0
+    declined = exp["primary_decision"][use] == "decline"
+    assert c["serving_fpr"] == pytest.approx(np.sum(declined & legit) / legit.sum())
+    for role, name in (("champion", "primary"), ("challenger", "shadow")):
+        assert c[role]["roc_auc"] == pytest.approx(q[name]["roc_auc"], abs=1e-12)
+        assert c[role]["recall_at_decline"] == pytest.approx(q[name]["at_decline"]["recall"])
+    # the same resamples as the quality section: the same ROC AUC intervals
+    assert c["difference"]["roc_auc_ci"] == pytest.approx(q["difference"]["roc_auc_ci"])
+    assert c["verdict"] == "challenger better"  # the shadow separates fraud better
+    page = render_html(report, load_window(data["labelled"]))
+    assert "id='champion-challenger'" in page and "id='champion-challenger-2'" in page
+    assert "Champion vs challenger:</b> challenger better" in page
+    assert "champion vs challenger: challenger better" in shadow_cli.summary_line(report)
+
+
 def test_rank_metrics_match_sklearn_with_ties():
     rng = np.random.default_rng(0)
     for n, levels in ((50, 5), (2000, 30), (5000, 10_000)):
