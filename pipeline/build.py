@@ -89,8 +89,12 @@ def time_split(rows: int, config: BuildConfig) -> Split:
 
 
 def offline_features(raw: RawData) -> np.ndarray:
-    """Model features of time-sorted raw rows, computed as the build trains on them: the
-    server's feature kernels run over the rows in order, card state starting empty."""
+    """Model features of time-sorted raw rows, as the build trains on them: the features
+    the server served when the file carries them (an export of production traffic),
+    otherwise the server's feature kernels run over the rows in order, card state
+    starting empty."""
+    if raw.served_features is not None:
+        return raw.served_features
     features, _ = compute_features_offline(encode_columns(raw.columns))
     return features
 
@@ -322,6 +326,8 @@ def data_record(raw: RawData, file_name: str, data_sha256: str) -> dict[str, Any
         "sha256": data_sha256,
         "rows": len(raw),
         "fraud_rows": int(raw.labels.sum()),
+        # "served": the file's features as the server served them (a production export)
+        "features": "served" if raw.served_features is not None else "computed",
         "first_event_time": _iso(times[0]),
         "last_event_time": _iso(times[-1]),
     }

@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from riskwire.kernels.schema import (
+    FEATURE_NAMES,
     LABEL_COLUMN,
     RAW_COLUMNS,
     RAW_FLOAT_COLUMNS,
@@ -34,6 +35,12 @@ _HASH_CHUNK_BYTES = 1 << 20
 # Optional column of non-negative sample weights (training and evaluation); a row of
 # weight 2 counts as two copies of it. Not a model input: the server never sees it.
 WEIGHT_COLUMN = "weight"
+# Features as the server served them, one column each (``f_<feature name>``), as
+# ``riskwire data export`` writes them. When a file carries all of them the build uses
+# them as they are: they are what the model saw at decision time, and a sampled log
+# misses transactions, so card history recomputed from its rows would differ.
+FEATURE_PREFIX = "f_"
+SERVED_FEATURE_COLUMNS = tuple(FEATURE_PREFIX + name for name in FEATURE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class RawData:
     columns: dict[str, np.ndarray]  # strings as object arrays, event_time int64 ms
     labels: np.ndarray | None  # int8, or None when the file has no label column
     weights: np.ndarray | None = None  # float64 sample weights, None without a weight column
+    served_features: np.ndarray | None = None  # (rows, features) as served, when the file has them
 
     def __len__(self) -> int:
         return len(self.columns[TIME_COLUMN])
@@ -139,6 +147,7 @@ def validate_table(table: pa.Table, *, require_label: bool = True) -> RawData:
     columns[TIME_COLUMN] = _time_column(table, n)
     labels = _label_column(table, n) if LABEL_COLUMN in table.column_names else None
     weights = _weight_column(table, n) if WEIGHT_COLUMN in table.column_names else None
+    served = _served_features(table, n)
     if require_label and labels is not None and labels.min() == labels.max():
         raise DataValidationError(
             f"column {LABEL_COLUMN!r}: all {n} rows have label {int(labels[0])}; "
@@ -149,7 +158,8 @@ def validate_table(table: pa.Table, *, require_label: bool = True) -> RawData:
         columns = {name: values[order] for name, values in columns.items()}
         labels = labels[order] if labels is not None else None
         weights = weights[order] if weights is not None else None
-    return RawData(columns=columns, labels=labels, weights=weights)
+        served = served[order] if served is not None else None
+    return RawData(columns=columns, labels=labels, weights=weights, served_features=served)
 
 
 def load_raw(path: str | Path, *, require_label: bool = True) -> RawData:
@@ -259,6 +269,28 @@ def _parse_time_ms(text: str) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+def _served_features(table: pa.Table, n: int) -> np.ndarray | None:
+    """The served feature matrix when every ``f_<feature>`` column is there (NaN stays:
+    it is a missing value the model handles); None when none is; an error when some are."""
+    present = [c for c in SERVED_FEATURE_COLUMNS if c in table.column_names]
+    if not present:
+        return None
+    if len(present) != len(SERVED_FEATURE_COLUMNS):
+        missing = sorted(set(SERVED_FEATURE_COLUMNS) - set(present))
+        raise DataValidationError(
+            f"served features: {len(missing)} of {len(SERVED_FEATURE_COLUMNS)} columns missing "
+            f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}); a file carries all "
+            "of them (riskwire data export) or none"
+        )
+    matrix = np.empty((n, len(present)), dtype=np.float64)
+    for j, name in enumerate(present):
+        column = table.column(name)
+        if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+            raise DataValidationError(f"column {name!r} has type {column.type}, expected float")
+        matrix[:, j] = column.cast(pa.float64()).fill_null(np.nan).to_numpy()
+    return matrix
 
 
 def _weight_column(table: pa.Table, n: int) -> np.ndarray:

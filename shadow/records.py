@@ -35,12 +35,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from riskwire.kernels.schema import FEATURE_NAMES
+from riskwire.pipeline.data import SERVED_FEATURE_COLUMNS
 
 RECORDS = "records"
 LABELS = "labels"
 PREDICTIONS = "predictions"
-FEATURE_PREFIX = "f_"
 COMPRESSION = "snappy"  # cheap to write on the server; every Parquet reader knows it
 
 _TIME = pa.timestamp("ms", tz="UTC")
@@ -64,7 +63,7 @@ _CORE_FIELDS = [
     pa.field("client_id", pa.string()),  # the authenticated caller (null without auth)
 ]
 RECORD_COLUMNS = tuple(f.name for f in _CORE_FIELDS)
-FEATURE_COLUMNS = tuple(FEATURE_PREFIX + name for name in FEATURE_NAMES)
+FEATURE_COLUMNS = SERVED_FEATURE_COLUMNS
 RECORD_SCHEMA = pa.schema(_CORE_FIELDS + [pa.field(c, pa.float64()) for c in FEATURE_COLUMNS])
 RECORD_SCHEMA_NO_FEATURES = pa.schema(_CORE_FIELDS)
 

@@ -57,6 +57,26 @@ def test_weight_column_is_optional_and_sorted_with_the_rows() -> None:
     assert [by_id[t] for t in raw.columns["transaction_id"]] == raw.weights.tolist()
 
 
+def test_served_features_are_used_as_they_are_and_sorted_with_the_rows() -> None:
+    """An export's f_<feature> columns become the build's features (NaN kept); a file
+    with only some of them is refused."""
+    from riskwire.pipeline.build import offline_features
+    from riskwire.pipeline.data import SERVED_FEATURE_COLUMNS
+
+    table = good_table()
+    assert validate_table(table).served_features is None
+    values = np.arange(6 * len(SERVED_FEATURE_COLUMNS), dtype=np.float64).reshape(6, -1)
+    values[2, 3] = np.nan
+    for j, name in enumerate(SERVED_FEATURE_COLUMNS):
+        table = table.append_column(name, pa.array(values[:, j]))
+    raw = validate_table(table)
+    rows = [int(t.split("-")[1]) for t in raw.columns["transaction_id"]]
+    assert np.array_equal(raw.served_features, values[rows], equal_nan=True)
+    assert offline_features(raw) is raw.served_features
+    with pytest.raises(DataValidationError, match="served features: 1 of"):
+        validate_table(table.drop_columns([SERVED_FEATURE_COLUMNS[0]]))
+
+
 def replace(table: pa.Table, name: str, values: pa.Array | list) -> pa.Table:
     return table.set_column(table.column_names.index(name), name, pa.array(values))
 
