@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -31,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from riskwire.net import free_port  # noqa: F401 - re-exported for the bench scripts
 
 INSTALL_HINTS = {
     "h2load": "apt-get install -y nghttp2-client",
@@ -364,24 +365,6 @@ def perf_analyzer_command(
 
 
 # ------------------------------------------------------------------ servers
-_HANDED_OUT: set[int] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now and that this process has not handed out before.
-
-    Two probes in a row may get the same ephemeral port from the kernel; remembering the ports
-    handed out keeps two servers (or a server's two listeners) from being given the same one.
-    """
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-
-
 def unary_raw(target: str, path: str, message: bytes, timeout: float = 5.0) -> bytes:
     """Call a unary method with raw request bytes; returns the raw response (or raises)."""
     import grpc

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from riskwire.net import free_port
 from riskwire.pipeline import synth
 
 START_TIMEOUT_S = 120.0
 CLI_TIMEOUT_S = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -54,7 +48,7 @@ def _serving(target: str) -> bool:
 def cli_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A dedicated 2-worker server on models_dir; yields its 127.0.0.1:port target."""
     state = tmp_path_factory.mktemp("cli-state")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
             [

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,30 +26,12 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from riskwire.net import free_port
 from riskwire.protos import scoring_pb2, scoring_pb2_grpc
 
 START_TIMEOUT_S = 120.0  # workers import, load and warm Numba kernels before SERVING
 STOP_TIMEOUT_S = 30.0
 EPOCH_2026_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago and that this process has not handed out.
-
-    The kernel may give the same ephemeral port to two probes in a row (the first probe is
-    closed by then), so two ports asked for one server could collide; remembering what was
-    handed out rules that out.
-    """
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def child_pids(pid: int) -> set[int]:

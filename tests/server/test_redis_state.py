@@ -10,7 +10,6 @@ import json
 import math
 import queue
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ if shutil.which("redis-server") is None:
     )
 
 from riskwire.kernels.ratelimit import RateLimitTable  # noqa: E402
+from riskwire.net import free_port  # noqa: E402
 from riskwire.server.ratelimit import RateLimit, RateLimits, parse_rate_limits  # noqa: E402
 from riskwire.server.redis_state import (  # noqa: E402
     RedisConfig,
@@ -38,13 +38,6 @@ from riskwire.server.redis_state import (  # noqa: E402
     traffic_names_key,
 )
 from riskwire.server.traffic import Traffic  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 SLOW = 1e-3  # tokens/s: no measurable refill while a test runs
 
