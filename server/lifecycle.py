@@ -130,13 +130,17 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ reading
     def traffic(self, name: str) -> Traffic:
-        """The model's configuration, or the implicit one (highest version serves)."""
+        """The model's configuration, or the implicit one: the version the workers serve
+        (the highest one when they started; a version built since does not take over)."""
         traffic = self.store.read(name)
         if traffic is not None:
             return traffic
         versions = list_versions(self.models_dir, name)
         if not versions:
             raise ModelNotFoundError(f"no model {name!r} under {self.models_dir}")
+        served = {s.get("serving", {}).get(name) for s in self.worker_states()} - {None}
+        if len(served) == 1:
+            return Traffic(name=name, primary=str(served.pop()))
         return Traffic(name=name, primary=str(versions[-1]))
 
     def worker_states(self) -> list[dict[str, Any]]:

@@ -315,3 +315,23 @@ def test_a_change_through_one_replica_reaches_the_other(start_server, models, re
         assert time.monotonic() - changed < 5.0, "the second replica did not apply it"
         time.sleep(0.05)
     assert time.monotonic() - changed < 1.5
+
+
+def test_a_version_built_while_serving_does_not_take_over(start_server, built, tmp_path) -> None:
+    """No traffic configuration: the server serves the highest version it started with.
+    A version built later and loaded through the admin API stays a candidate."""
+    models = tmp_path / "models"
+    (models / "fraud").mkdir(parents=True)
+    shutil.copytree(built / "fraud" / "1", models / "fraud" / "1")
+    server = start_server(models)
+    shutil.copytree(built / "fraud" / "2", models / "fraud" / "2")  # built meanwhile
+    with AdminClient(server.admin_target) as admin:
+        admin.load_model("fraud", "2")
+    assert read_traffic(models, "fraud").primary == "1"
+    with grpc.insecure_channel(server.target) as channel:
+        stub = scoring_pb2_grpc.ScoringStub(channel)
+        request = scoring_pb2.ScoreRequest(transaction=scoring_pb2.Transaction(
+            card_id=f"card-{uuid.uuid4().hex}", merchant_id="m-1", mcc=5411, amount=10.0,
+            currency="EUR", country="DE", card_country="DE", channel="pos",
+        ))  # fmt: skip
+        assert {stub.Score(request, timeout=10).model_version for _ in range(4)} == {"1"}
