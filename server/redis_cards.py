@@ -18,20 +18,25 @@ construction:
    card meanwhile, the script answers with the current record instead, and the worker
    goes back to step 2 with it (the write that lost is not applied).
 
-So each successful write applies a card's rows to exactly the state the previous write
-left, in the order the writes succeeded: the same sequence an offline pass over that
-order sees. A batch sends one script per distinct card, pipelined (one round trip per
-attempt). With card affinity at the load balancer (Envoy's ring hash on the card id) a
-replica's cache is nearly always current and a transaction costs one round trip; a
-card seen first by this worker, or written by another replica since, costs two.
+Threads of one worker take turns on a card (striped locks by card key), so a write can
+only lose to another process or replica, and the loser retries at once from the state
+the script returned. So each successful write applies a card's rows to exactly the state
+the previous write left, in the order the writes succeeded: the same sequence an offline
+pass over that order sees. A batch sends one script per distinct card, pipelined (one
+round trip per attempt). With card affinity at the load balancer (Envoy's ring hash on
+the card id) a replica's cache is nearly always current and a transaction costs one
+round trip; a card seen first by this worker, or written by another replica since,
+costs two. One card written at once by many processes (a card-testing burst spread over
+replicas) costs a retry per lost write, and past ``max_attempts`` lost writes in a row
+the call fails as below.
 
 When Redis is slow or down (a socket timeout, a refused connection, or a card that
 stays contended past ``max_attempts``), ``on_failure`` decides: ``"closed"`` raises
 :class:`~riskwire.server.redis_state.StateUnavailableError` (UNAVAILABLE), ``"degrade"``
 scores with the stateless features only (every card is treated as new: no history),
-marks the call (:meth:`RedisCardState.took_degraded`; the data plane adds the
-response flag ``state_unavailable``) and counts it. Nothing is written then, so the card's stored
-history stays what it was.
+marks the call (:meth:`RedisCardState.took_degraded`; the data plane adds the response
+flag ``state_unavailable``) and counts it. Nothing is written then, so the card's
+stored history stays what it was.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from riskwire.kernels.state import CARD_RECORD, HDR_EVICTIONS, HDR_OCCUPIED, Car
 from .redis_state import RedisConfig, StateUnavailableError, _Breaker, _Script, card_key
 
 DEFAULT_TTL_S: Final = 90 * 86_400  # a card idle this long is forgotten (0: never)
+_STRIPES: Final = 256  # per-worker locks by card key: one writer per card per worker
 _EMPTY_RECORD: Final = np.zeros(1, dtype=CARD_RECORD)[0].tobytes()
 
 # KEYS[1] the card's hash; ARGV expected version, new record, TTL in ms (0: none).
@@ -103,7 +109,7 @@ class RedisCardState:
         *,
         ttl_s: float = DEFAULT_TTL_S,
         cache_size: int = 1 << 16,
-        max_attempts: int = 16,
+        max_attempts: int = 32,
         client: redis.Redis | None = None,
     ) -> None:
         if cache_size < 1 or max_attempts < 1 or ttl_s < 0:
@@ -118,6 +124,7 @@ class RedisCardState:
         self._degrade = config.on_failure == "degrade"
         self._breaker = _Breaker(config.failure_threshold, config.failure_cooldown_s)
         self._scratch = _Scratch()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         # card key -> (version, packed record): the newest this worker has seen
         self._cache: dict[int, tuple[int, bytes]] = {}
         self._lock = threading.Lock()  # the counters below
@@ -183,8 +190,23 @@ class RedisCardState:
             self._client.close()
 
     def _apply(self, tx: TransactionArrays, out: np.ndarray) -> tuple[int, int]:
-        """Run the optimistic read-modify-write; returns (round trips, conflicts)."""
+        """Run the optimistic read-modify-write under the cards' stripe locks (threads of
+        this worker take turns on a card, so only other processes can make a write
+        lose); returns (round trips, conflicts)."""
         cards = _distinct(tx.card_key)
+        stripes = sorted({card % _STRIPES for card in cards.tolist()})  # one order: no deadlock
+        locks = self._stripes
+        for stripe in stripes:
+            locks[stripe].acquire()
+        try:
+            return self._apply_locked(tx, out, cards)
+        finally:
+            for stripe in stripes:
+                locks[stripe].release()
+
+    def _apply_locked(
+        self, tx: TransactionArrays, out: np.ndarray, cards: np.ndarray
+    ) -> tuple[int, int]:
         cache = self._cache
         known = [cache.get(card) for card in cards.tolist()]
         versions = [0 if k is None else k[0] for k in known]
