@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 
@@ -26,10 +28,27 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     source.add_argument(
         "--models", default=None, help="models directory (default: $RISKWIRE_MODELS or ./models)"
     )
+    add_data_dir_arg(listing)
     listing.add_argument("--open", action="store_true", help="only incidents still firing")
     listing.add_argument("--json", action="store_true", help="one JSON object per incident")
     listing.set_defaults(handler=cmd_list)
     return group
+
+
+def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir``: where the server writes drift history and incidents."""
+    parser.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        default=None,
+        help="the server's data_dir (default: $RISKWIRE_DATA_DIR, else the models directory)",
+    )
+
+
+def data_dir(value: str | None) -> Path | None:
+    """``--data-dir``, else ``$RISKWIRE_DATA_DIR``, else None (the models directory)."""
+    chosen = value or os.environ.get("RISKWIRE_DATA_DIR")
+    return Path(chosen) if chosen else None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -41,7 +60,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         from riskwire.pipeline.package import models_dir
 
-        path = incident_log_path(models_dir(args.models))
+        path = incident_log_path(data_dir(args.data_dir) or models_dir(args.models))
     incidents = read_incidents(path, open_only=args.open)
     if args.json:
         for incident in incidents:

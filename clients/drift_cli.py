@@ -24,6 +24,8 @@ from typing import Any
 
 from riskwire.files import write_text_atomic
 
+from .alerts_cli import add_data_dir_arg, data_dir
+
 DEFAULT_ADMIN_TARGET = "127.0.0.1:50052"
 _VALUE_FIELDS = (
     "model", "version", "window", "column", "measure", "value", "count", "threshold", "alerting",
@@ -59,6 +61,7 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     report.add_argument(
         "--models", default=None, help="models directory (default: $RISKWIRE_MODELS or ./models)"
     )
+    add_data_dir_arg(report)
     report.add_argument("--model", default=None, help="model name (default: the busiest)")
     report.add_argument("--version", default=None, help="model version (default: the busiest)")
     report.add_argument("--window", default=None, help="window, e.g. 1h (default: the longest)")
@@ -214,6 +217,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             version=args.version,
             window=args.window,
             min_count=args.min_count,
+            data_dir=data_dir(args.data_dir),
         )
     except DriftReportError as exc:
         return _error(str(exc))

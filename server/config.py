@@ -143,6 +143,9 @@ class Settings:
     # Control plane (admin API, in the supervisor). 0 = any free port (logged).
     admin_host: str = "127.0.0.1"
     admin_port: int = 50052
+    # Writable data of the control plane (drift history, alert incidents); "" = the models
+    # directory. Set it when the models volume is read-only (deploy/kubernetes).
+    data_dir: str = ""
     run_dir: str = ""  # runtime files (shadow control, worker stats); "" = a private temp dir
     # Shadow deployment (changeable at runtime through the admin API).
     shadow_model: str = ""  # local shadow: "version" or "name:version"; "" = off
@@ -297,12 +300,12 @@ class Settings:
     @property
     def incident_log(self) -> Path:
         """Append-only alert incident log."""
-        return Path(self.models) / ".alerts" / "incidents.jsonl"
+        return Path(self.data_dir or self.models) / ".alerts" / "incidents.jsonl"
 
     @property
     def drift_history(self) -> Path:
         """Drift measures over time (JSON lines), for the drift report."""
-        return Path(self.models) / ".drift" / "history.jsonl"
+        return Path(self.data_dir or self.models) / ".drift" / "history.jsonl"
 
     @property
     def shadow_path(self) -> Path:

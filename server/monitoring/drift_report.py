@@ -217,15 +217,17 @@ def render_drift_report(
     version: str | None = None,
     window: str | None = None,
     min_count: int = DEFAULT_MIN_COUNT,
+    data_dir: Path | None = None,
 ) -> str:
-    """One self-contained HTML page of drift for one model version and window.
+    """One self-contained HTML page of drift for one model version and window
+    (``data_dir``: where the server writes ``.drift``, default ``models_dir``).
 
     Without ``model``/``version`` the model version with the most live requests is
     shown, without ``window`` its longest window. Raises :class:`DriftReportError` when
     ``<models>/.drift`` holds neither ``latest.json`` nor ``history.jsonl``, when the
     selection has no data or when the package's ``profile.json`` is missing.
     """
-    directory = drift_dir(models_dir)
+    directory = drift_dir(data_dir or models_dir)
     latest = load_latest(directory / LATEST_FILE)
     history_path = directory / HISTORY_FILE
     if latest is None and not history_path.exists():
