@@ -10,7 +10,7 @@ PORT ?= 50051
 DEMO_ROWS ?= 300000
 DEMO_DATA ?= data/demo-$(DEMO_ROWS).parquet
 
-.PHONY: install test lint format model serve bench bench-kernels bench-serving bench-smoke clean
+.PHONY: install test lint format model serve demo-loop bench bench-kernels bench-serving bench-smoke clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ model: install
 # Builds the demo model when absent, then serves on 127.0.0.1:50051 (Ctrl-C stops).
 serve: model
 	$(BIN)/riskwire serve --models $(MODELS) --host $(HOST) --port $(PORT)
+
+# The maintenance loop end to end in a few minutes (README "Closing the loop"): synth →
+# serve → shadow → label → export → retrain → compare → canary → promote, in ./demo-loop.
+demo-loop: install
+	$(BIN)/python scripts/demo_loop.py --work demo-loop
 
 # riskwire vs MLServer vs FastAPI vs a bare grpcio echo (installs the peers' venvs once).
 bench: model
