@@ -77,6 +77,10 @@ class Settings:
     # served: live AUC once labels arrive, and the next model's training data.
     prediction_log_rate: float = 100.0
     prediction_log_card_ids: bool = False  # also log raw card ids (else only their hash)
+    # Retention (0 = keep): prediction-log segments, and review cases once labelled and in
+    # the label store. Labels and shadow records are kept (reports and exports join them).
+    prediction_log_retention_days: float = 0.0
+    review_retention_days: float = 0.0
     # Human review: "review" decisions, plus this percent of the others (so the labelled
     # set is not only the grey zone), queue as cases (riskwire review next / label).
     review_queue: bool = True
@@ -252,6 +256,8 @@ class Settings:
             raise SettingsError(f"state_backend {self.state_backend!r} is not local or redis")
         if self.redis_on_failure not in ("closed", "degrade") or self.redis_timeout_ms <= 0:
             raise SettingsError("redis_on_failure must be closed or degrade, redis_timeout_ms > 0")
+        if self.prediction_log_retention_days < 0 or self.review_retention_days < 0:
+            raise SettingsError("retention days must be >= 0 (0 keeps everything)")
         if not 0.0 <= self.review_sample_percent <= 100.0:
             raise SettingsError("review_sample_percent must be in 0..100")
         if self.redis_card_ttl_days < 0 or self.redis_card_cache < 1:

@@ -23,6 +23,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -66,6 +67,7 @@ from .worker import (
 )
 
 log = logging.getLogger("riskwire.supervisor")
+RETENTION_CHECK_S = 3600.0  # how often retention is applied (and once at start)
 SHADOW_PAIR_LABELS = (
     "riskwire.model", "riskwire.model_version", "riskwire.shadow_model",
     "riskwire.shadow_model_version",
@@ -370,6 +372,7 @@ class Supervisor:
         next_snapshot = time.monotonic() + settings.snapshot_interval_s
         next_drift = time.monotonic() + settings.drift_eval_s
         next_canary = time.monotonic() + settings.canary_eval_s
+        next_retention = time.monotonic()
         announced = False
         while not self._stopping and self._failed is None:
             sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
@@ -401,6 +404,34 @@ class Supervisor:
             if settings.snapshot_interval_s > 0 and now >= next_snapshot:
                 self._snapshot()
                 next_snapshot = now + settings.snapshot_interval_s
+            if now >= next_retention:
+                next_retention = now + RETENTION_CHECK_S
+                self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        """Delete prediction-log segments and reviewed cases past their retention."""
+        settings = self.settings
+        try:
+            if settings.prediction_log_retention_days > 0:
+                from riskwire.shadow.records import PREDICTIONS, purge_segments
+
+                cutoff = datetime.now(UTC) - timedelta(days=settings.prediction_log_retention_days)
+                removed = purge_segments(settings.shadow_path, PREDICTIONS, cutoff)
+                if removed:
+                    log.info("retention: removed %d prediction-log segment(s)", removed)
+            if settings.review_retention_days > 0 and settings.review_queue_file.exists():
+                from .review import ReviewQueue
+
+                queue = ReviewQueue(settings.review_queue_file)
+                try:
+                    cutoff_ms = time.time() * 1000 - settings.review_retention_days * 86_400_000
+                    removed = queue.purge(int(cutoff_ms))
+                finally:
+                    queue.close()
+                if removed:
+                    log.info("retention: removed %d reviewed case(s)", removed)
+        except Exception:  # noqa: BLE001 - housekeeping must never stop serving
+            log.exception("retention failed")
 
     def _drain_events(self) -> None:
         while True:

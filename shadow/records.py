@@ -249,6 +249,19 @@ def segment_files(directory: str | os.PathLike[str], stream: str) -> list[Path]:
     return sorted(p for p in folder.glob("part-*.parquet"))
 
 
+def purge_segments(directory: str | os.PathLike[str], stream: str, older_than: datetime) -> int:
+    """Delete the stream's segments written before ``older_than`` (every row in such a
+    segment is older); returns how many. The write time is in the segment's name."""
+    cutoff = older_than.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    removed = 0
+    for path in segment_files(directory, stream):
+        stamp = path.name.split("-", 2)[1]  # part-<utc stamp>-w<worker>-…
+        if stamp < cutoff:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def _read_stream(
     directory: str | os.PathLike[str],
     stream: str,

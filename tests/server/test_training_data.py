@@ -183,12 +183,22 @@ def _utc(seconds: float):  # noqa: ANN202
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def test_raw_card_ids_only_when_allowed(start_server, models_dir, tmp_path: Path) -> None:
+def test_raw_card_ids_only_when_allowed_and_old_segments_expire(
+    start_server, models_dir, tmp_path: Path
+) -> None:
     shadow = tmp_path / "shadow"
+    old = shadow / "predictions" / "part-20250101T000000000000Z-w0-1-000001.parquet"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"a segment from long ago")
     server = start_server(
         models_dir,
-        env={"RISKWIRE_SHADOW_DIR": str(shadow), "RISKWIRE_PREDICTION_LOG_CARD_IDS": "true"},
+        env={
+            "RISKWIRE_SHADOW_DIR": str(shadow),
+            "RISKWIRE_PREDICTION_LOG_CARD_IDS": "true",
+            "RISKWIRE_PREDICTION_LOG_RETENTION_DAYS": "30",
+        },
     )
+    assert not old.exists()  # retention runs at start, then hourly
     card = f"card-{uuid.uuid4().hex}"
     with grpc.insecure_channel(server.target) as channel:
         stub = scoring_pb2_grpc.ScoringStub(channel)
@@ -197,3 +207,18 @@ def test_raw_card_ids_only_when_allowed(start_server, models_dir, tmp_path: Path
     assert read_predictions(shadow)["card_id"].to_pylist() == [card]
     marked = export_training_data(shadow, unlabelled="mark")
     assert marked["card_id"].to_pylist() == [card]
+
+
+def test_purge_segments_by_their_write_time(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from riskwire.shadow.records import purge_segments, segment_files
+
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    for stamp in ("20260101T000000000000Z", "20260301T120000000000Z", "20260302T000000000000Z"):
+        (folder / f"part-{stamp}-w0-1-000001.parquet").write_bytes(b"")
+    assert purge_segments(tmp_path, "predictions", datetime(2026, 3, 1, 12, tzinfo=UTC)) == 1
+    assert [p.name[5:13] for p in segment_files(tmp_path, "predictions")] == [
+        "20260301", "20260302",
+    ]  # fmt: skip
