@@ -171,6 +171,7 @@ class Demo:
             RISKWIRE_METRICS_PORT=str(free_port()),
             RISKWIRE_WORKERS="2",
             RISKWIRE_REVIEW_SAMPLE_PERCENT=str(review_percent),
+            RISKWIRE_PREDICTION_LOG_RATE="100",  # every answer: more rows to retrain on
             RISKWIRE_SHADOW_FLUSH_SECONDS="1",
             RISKWIRE_LOG_LEVEL="WARNING",
         )

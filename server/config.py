@@ -74,8 +74,10 @@ class Settings:
     drift_eval_s: float = 10.0  # the supervisor measures drift and evaluates alerts
     drift_min_count: int = 200  # fewer requests in a window: no drift verdict (NaN)
     # Percent of answers logged (0 = off) with their inputs as received and features as
-    # served: live AUC once labels arrive, and the next model's training data.
-    prediction_log_rate: float = 100.0
+    # served: live AUC once labels arrive, and the next model's training data (exports
+    # weight rows by 1 / rate). 25 keeps the cost within 5% of throughput on the 2-core VM
+    # (perf/bench_prediction_log.py; 100% cost 5.6-6.6%).
+    prediction_log_rate: float = 25.0
     prediction_log_card_ids: bool = False  # also log raw card ids (else only their hash)
     # Retention (0 = keep): prediction-log segments, and review cases once labelled and in
     # the label store. Labels and shadow records are kept (reports and exports join them).

@@ -226,7 +226,9 @@ def _column(chunks: list[Sequence], kind: pa.DataType) -> pa.Array:
     if all(isinstance(c, pa.Array) for c in chunks):
         return pa.concat_arrays([c.cast(kind) for c in chunks])
     if all(isinstance(c, np.ndarray) for c in chunks):
-        return pa.array(np.concatenate(chunks), type=kind)
+        return pa.array(chunks[0] if len(chunks) == 1 else np.concatenate(chunks), type=kind)
+    if len(chunks) == 1:
+        return pa.array(chunks[0], type=kind)
     return pa.array(list(itertools.chain.from_iterable(chunks)), type=kind)
 
 

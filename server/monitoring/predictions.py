@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from riskwire.shadow.records import (
 )
 
 log = logging.getLogger(__name__)
+_DRAIN_SLICE = 512  # queued calls turned into columns at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +150,18 @@ class PredictionLog:
 
     def _drain(self) -> None:
         pending = self._pending
-        items = [pending.popleft() for _ in range(len(pending))]
-        singles = [item for item in items if not isinstance(item, _Batch)]
-        chunks = [self._singles_columns(singles)] if singles else []
-        chunks += [self._batch_columns(item) for item in items if isinstance(item, _Batch)]
         try:
-            for chunk in chunks:
-                self._writer.add_rows(chunk)
+            while pending:
+                # Slices, with the GIL offered between them: a request thread waits for
+                # one slice's column building at most, not for the whole backlog's.
+                items = [pending.popleft() for _ in range(min(len(pending), _DRAIN_SLICE))]
+                singles = [item for item in items if not isinstance(item, _Batch)]
+                if singles:
+                    self._writer.add_rows(self._singles_columns(singles))
+                for item in items:
+                    if isinstance(item, _Batch):
+                        self._writer.add_rows(self._batch_columns(item))
+                time.sleep(0)
         except OSError as exc:
             log.error("prediction log could not be written: %s", exc)
 
@@ -164,12 +171,11 @@ class PredictionLog:
         n = len(singles)
         raw_columns = list(zip(*raws, strict=True))
         if not self.card_ids:
-            raw_columns[0] = [None] * n
+            raw_columns[0] = (None,) * n
         return [
-            list(ids), list(transactions), list(times), [self.worker] * n, list(models),
-            list(versions), list(probabilities), list(decisions), list(card_keys),
-            *map(list, raw_columns), [self.rate_percent / 100.0] * n,
-            [";".join(f) or None for f in flags], *np.vstack(features).T,
+            ids, transactions, times, (self.worker,) * n, models, versions, probabilities,
+            decisions, card_keys, *raw_columns, (self.rate_percent / 100.0,) * n,
+            [";".join(f) if f else None for f in flags], *np.vstack(features).T,
         ]  # fmt: skip
 
     def _batch_columns(self, batch: _Batch) -> list[Sequence]:

@@ -80,6 +80,7 @@ def test_log_review_late_labels_and_export(start_server, models_dir, tmp_path) -
         models_dir,
         env={
             "RISKWIRE_SHADOW_DIR": str(shadow),
+            "RISKWIRE_PREDICTION_LOG_RATE": "100",
             "RISKWIRE_REVIEW_SAMPLE_PERCENT": "50",
             "RISKWIRE_SHADOW_FLUSH_SECONDS": "0.5",
         },
@@ -195,6 +196,7 @@ def test_raw_card_ids_only_when_allowed_and_old_segments_expire(
         env={
             "RISKWIRE_SHADOW_DIR": str(shadow),
             "RISKWIRE_PREDICTION_LOG_CARD_IDS": "true",
+            "RISKWIRE_PREDICTION_LOG_RATE": "100",
             "RISKWIRE_PREDICTION_LOG_RETENTION_DAYS": "30",
         },
     )

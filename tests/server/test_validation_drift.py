@@ -337,6 +337,7 @@ def test_live_performance_from_delayed_labels_detects_concept_drift(
         models_dir,
         env={
             "RISKWIRE_SHADOW_DIR": str(tmp_path / "logs"),
+            "RISKWIRE_PREDICTION_LOG_RATE": "100",  # every answer: labels join them all
             "RISKWIRE_DRIFT_EVAL_S": "0.5",
             "RISKWIRE_PERFORMANCE_EVAL_S": "0.5",
             "RISKWIRE_PERFORMANCE_MIN_LABELS": "50",
