@@ -87,6 +87,7 @@ class Settings:
     # set is not only the grey zone), queue as cases (riskwire review next / label).
     review_queue: bool = True
     review_sample_percent: float = 1.0
+    review_max_cases_per_s: float = 20.0  # per worker; over it, review decisions are sampled
     review_queue_path: str = ""  # "" = <shadow_dir>/review.sqlite
     performance_eval_s: float = 300.0  # live performance from logged predictions + labels
     performance_min_labels: int = 100  # fewer labelled predictions in a window: NaN
@@ -260,8 +261,10 @@ class Settings:
             raise SettingsError("redis_on_failure must be closed or degrade, redis_timeout_ms > 0")
         if self.prediction_log_retention_days < 0 or self.review_retention_days < 0:
             raise SettingsError("retention days must be >= 0 (0 keeps everything)")
-        if not 0.0 <= self.review_sample_percent <= 100.0:
-            raise SettingsError("review_sample_percent must be in 0..100")
+        if not 0.0 <= self.review_sample_percent <= 100.0 or self.review_max_cases_per_s < 0:
+            raise SettingsError(
+                "review_sample_percent must be in 0..100, review_max_cases_per_s >= 0"
+            )
         if self.redis_card_ttl_days < 0 or self.redis_card_cache < 1:
             raise SettingsError("redis_card_ttl_days must be >= 0, redis_card_cache >= 1")
         if self.state_backend == "redis":

@@ -570,6 +570,12 @@ class ReviewSink:
     ``flush_s`` seconds into :meth:`ReviewQueue.enqueue_many`. Over ``max_backlog``
     queued offers, new ones are dropped and counted (``dropped``); offers whose write
     fails are counted in ``failed`` and logged. :meth:`close` drains what is left.
+
+    ``max_review_per_s`` caps ``review`` decisions when they flood in (an attack, a bad
+    model): people cannot review thousands of cases a second, and queueing them would
+    cost the server. Over the cap in the previous second, a ``review`` decision is taken
+    with probability ``cap / (last second's review decisions)``, and that is its
+    inclusion probability, so exported weights stay unbiased.
     """
 
     def __init__(
@@ -580,6 +586,7 @@ class ReviewSink:
         max_backlog: int = 10_000,
         flush_s: float = 0.5,
         top_reasons: int = 3,
+        max_review_per_s: float = 0.0,
         start: bool = True,
     ) -> None:
         if not 0.0 <= sample_rate <= 1.0:
@@ -591,6 +598,10 @@ class ReviewSink:
         self.path = path.path if isinstance(path, ReviewQueue) else Path(path)
         self._queue_given = path if isinstance(path, ReviewQueue) else None
         self.sample_rate = sample_rate
+        self.max_review_per_s = max_review_per_s  # 0: no cap
+        self._review_p = 1.0  # inclusion probability of a review decision this second
+        self._reviews = 0  # review decisions seen this second
+        self._window_end = 0.0
         self.max_backlog = max_backlog
         self.flush_s = flush_s
         self.top_reasons = top_reasons
@@ -612,17 +623,37 @@ class ReviewSink:
         """Inclusion probability of a request with ``decision``: 1.0 for ``review``,
         ``sample_rate`` for a sampled other one, 0.0 when it is not queued."""
         if decision == REVIEW:
-            return 1.0
+            if not self.max_review_per_s:
+                return 1.0
+            p = self._review_probability(1)
+            return p if p >= 1.0 or self._random() < p else 0.0
         rate = self.sample_rate
         return rate if rate and self._random() < rate else 0.0
+
+    def _review_probability(self, reviews: int) -> float:
+        """Count ``reviews`` review decisions; the inclusion probability of this second's
+        (from the previous second's count; races between threads only shift a count)."""
+        now = time.monotonic()
+        if now >= self._window_end:
+            seen, self._reviews = self._reviews, 0
+            per_s = seen / max(1.0, now - self._window_end + 1.0) if self._window_end else 0.0
+            self._review_p = min(1.0, self.max_review_per_s / per_s) if per_s else 1.0
+            self._window_end = now + 1.0
+        self._reviews += reviews
+        return self._review_p
 
     def wants_many(self, decisions: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`wants` for a batch (float64 per row, 0.0: not queued)."""
         decisions = np.asarray(decisions)
         review = decisions == REVIEW
         rate = self.sample_rate
-        sampled = np.random.random(len(decisions)) < rate if rate else np.zeros(len(review), bool)
-        return np.where(review, 1.0, np.where(sampled, rate, 0.0))
+        draws = np.random.random(len(decisions))
+        sampled = draws < rate if rate else np.zeros(len(review), bool)
+        p = 1.0
+        if self.max_review_per_s and review.any():
+            p = self._review_probability(int(review.sum()))
+            review &= draws < p  # the same draw: a row is either kind, never both
+        return np.where(review, p, np.where(sampled & ~(decisions == REVIEW), rate, 0.0))
 
     def offer(
         self,

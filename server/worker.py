@@ -428,7 +428,9 @@ def _start_review_sink(settings):  # noqa: ANN001, ANN202
     from .review import ReviewSink
 
     return ReviewSink(
-        settings.review_queue_file, sample_rate=settings.review_sample_percent / 100.0
+        settings.review_queue_file,
+        sample_rate=settings.review_sample_percent / 100.0,
+        max_review_per_s=settings.review_max_cases_per_s,
     )
 
 
