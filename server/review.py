@@ -574,7 +574,8 @@ class ReviewSink:
     ``max_review_per_s`` caps ``review`` decisions when they flood in (an attack, a bad
     model): people cannot review thousands of cases a second, and queueing them would
     cost the server. Over the cap in the previous second, a ``review`` decision is taken
-    with probability ``cap / (last second's review decisions)``, and that is its
+    with probability ``cap / (last second's review decisions)`` (or ``cap / (this
+    second's so far)`` once this second is over the cap, if lower), and that is its
     inclusion probability, so exported weights stay unbiased.
     """
 
@@ -640,6 +641,8 @@ class ReviewSink:
             self._review_p = min(1.0, self.max_review_per_s / per_s) if per_s else 1.0
             self._window_end = now + 1.0
         self._reviews += reviews
+        if self._reviews > self.max_review_per_s:  # this second is over the cap already
+            return min(self._review_p, self.max_review_per_s / self._reviews)
         return self._review_p
 
     def wants_many(self, decisions: np.ndarray) -> np.ndarray:

@@ -13,8 +13,9 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,14 @@ from riskwire.shadow.records import (
 
 log = logging.getLogger(__name__)
 _DRAIN_SLICE = 512  # queued calls turned into columns at a time
+
+
+def _picker(rows: list[int]) -> Callable[[Sequence], tuple]:
+    """A function taking the items at ``rows`` (in order) of a sequence, as a tuple."""
+    if len(rows) == 1:
+        row = rows[0]
+        return lambda values: (values[row],)
+    return itemgetter(*rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,16 +190,17 @@ class PredictionLog:
     def _batch_columns(self, batch: _Batch) -> list[Sequence]:
         rows = batch.rows.tolist()
         n, columns = len(rows), batch.columns
-        raw = [[columns[name][i] for i in rows] for name in RAW_COLUMNS[1:-1]]
+        pick = _picker(rows)  # the logged rows of a request column, in C
         tids = columns.get("transaction_id")
         return [
             [f"{batch.request_id}/{i}" for i in rows],
-            [tids[i] for i in rows] if tids else [""] * n,
-            [batch.time_ms] * n, [self.worker] * n, [batch.model] * n, [batch.version] * n,
-            batch.probabilities.tolist(), list(batch.decisions), batch.card_keys.tolist(),
-            [columns["card_id"][i] for i in rows] if self.card_ids else [None] * n,
-            *raw, batch.event_times.tolist(), [self.rate_percent / 100.0] * n,
-            [";".join(batch.flags[i]) or None for i in rows], *batch.features.T,
+            pick(tids) if tids else ("",) * n,
+            (batch.time_ms,) * n, (self.worker,) * n, (batch.model,) * n, (batch.version,) * n,
+            batch.probabilities.tolist(), batch.decisions.tolist(), batch.card_keys.tolist(),
+            pick(columns["card_id"]) if self.card_ids else (None,) * n,
+            *(pick(columns[name]) for name in RAW_COLUMNS[1:-1]), batch.event_times.tolist(),
+            (self.rate_percent / 100.0,) * n,
+            [";".join(f) if f else None for f in pick(batch.flags)], *batch.features.T,
         ]  # fmt: skip
 
     def _run(self) -> None:

@@ -484,23 +484,27 @@ def test_cli_errors(tmp_path: Path, capsys) -> None:
 
 
 def test_a_flood_of_review_decisions_is_sampled_with_its_probability(monkeypatch, tmp_path):
-    """Over max_review_per_s in the previous second, review decisions are taken with
-    probability cap / rate, and that probability is what offer records (unbiased
-    weights); under the cap, every one is taken."""
+    """Over max_review_per_s, review decisions are taken with probability cap / rate (the
+    previous second's, or this second's so far once it is over the cap), and that
+    probability is what offer records (unbiased weights); under the cap, all are taken."""
     import riskwire.server.review as review_module
 
     clock = [100.0]
     monkeypatch.setattr(review_module.time, "monotonic", lambda: clock[0])
     sink = ReviewSink(tmp_path / "q.sqlite", max_review_per_s=50.0, start=False)
-    assert {sink.wants("review") for _ in range(1000)} == {1.0}  # first second: no history
+    first = [sink.wants("review") for _ in range(1000)]
+    assert first[:50] == [1.0] * 50  # no history: all taken up to the cap
+    assert set(first[50:]) <= {0.0} | {50 / n for n in range(51, 1001)}
     clock[0] += 1.0
     taken = [sink.wants("review") for _ in range(1000)]
     assert set(taken) == {0.0, 0.05}  # 50 / 1000 per second
     assert 20 <= taken.count(0.05) <= 90
     batch = sink.wants_many(np.array(["review"] * 400 + ["approve"] * 100, dtype=object))
-    assert set(batch[:400]) <= {0.0, 0.05} and set(batch[400:]) <= {0.0, 0.01}
-    clock[0] += 1.0  # 1,400 in the last second: p = 50 / 1400
-    assert set(sink.wants("review") for _ in range(2000)) <= {0.0, 50 / 1400}
+    assert set(batch[:400]) <= {0.0, 50 / 1400} and set(batch[400:]) <= {0.0, 0.01}
+    clock[0] += 1.0  # 1,400 in the last second: p = 50 / 1400, lower past 1,400 now
+    third = [sink.wants("review") for _ in range(2000)]
+    assert set(third[:1400]) <= {0.0, 50 / 1400}
+    assert set(third[1400:]) <= {0.0} | {50 / n for n in range(1401, 2001)}
     clock[0] += 5.0  # a quiet spell: under the cap again
     sink.wants("review")
     clock[0] += 1.0
