@@ -362,7 +362,7 @@ class DataPlane:
         errors: dict[int, InvalidInputError] = {}
         card_ids, merchant_ids = columns["card_id"], columns["merchant_id"]
         amounts, times = columns["amount"], columns["event_time_ms"]
-        for i in range(rows):
+        for i in range(rows) if _may_have_bad_rows(card_ids, merchant_ids, amounts, times) else ():
             try:
                 _check_row(
                     card_ids[i],
@@ -584,6 +584,22 @@ def _take(values: Sequence, index: np.ndarray, subset: bool) -> Sequence:
     if isinstance(values, np.ndarray):
         return values[index]
     return [values[i] for i in index]
+
+
+def _may_have_bad_rows(
+    card_ids: Sequence, merchant_ids: Sequence, amounts: Sequence, times: Sequence
+) -> bool:
+    """Whether any row could fail :func:`_check_row` (vectorised; the row-by-row check,
+    with its messages, runs only then)."""
+    if not (all(card_ids) and all(merchant_ids)):
+        return True
+    try:
+        amount = np.asarray(amounts, dtype=np.float64)
+        return bool((~(amount >= 0.0) | ~np.isfinite(amount)).any()) or bool(
+            (np.asarray(times, dtype=np.int64) < 0).any()
+        )
+    except (TypeError, ValueError, OverflowError):
+        return True
 
 
 def _check_row(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import time
 from collections.abc import Iterator
@@ -39,12 +40,16 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):x}"
 
 
-def transaction_columns(transactions) -> dict[str, list]:  # noqa: ANN001 - repeated field
+_COLUMN_NAMES = (*BATCH_COLUMNS, "transaction_id")
+_ROW_FIELDS = operator.attrgetter(*_COLUMN_NAMES)  # one C call reads a message's fields
+
+
+def transaction_columns(transactions) -> dict[str, tuple]:  # noqa: ANN001 - repeated field
     """Columns of a repeated Transaction field, as the dataplane takes them."""
-    return {
-        name: [getattr(t, name) for t in transactions]
-        for name in (*BATCH_COLUMNS, "transaction_id")
-    }
+    if not transactions:
+        return {name: () for name in _COLUMN_NAMES}
+    rows = map(_ROW_FIELDS, transactions)
+    return dict(zip(_COLUMN_NAMES, zip(*rows, strict=True), strict=True))
 
 
 def _reason_messages(reasons: list[tuple[str, float, float]]) -> list:
@@ -119,6 +124,18 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
         )
         answered = outcome.model or model
         versions = outcome.versions  # per row when a canary answered some of them
+        if not (outcome.errors or outcome.reasons or versions is not None or any(outcome.flags)):
+            # the common case: every row scored by one version, nothing else to say
+            name, version = model.name, answered.version
+            results = [
+                _Response(transaction_id=t.transaction_id, probability=p, decision=DECISIONS[d],
+                          model_name=name, model_version=version)
+                for t, p, d in zip(transactions, outcome.probabilities.tolist(),
+                                   outcome.decisions.tolist(), strict=True)
+            ]  # fmt: skip
+            return scoring_pb2.ScoreBatchResponse(
+                request_id=request_id, model_name=name, model_version=version, results=results
+            )
         results = []
         for i, t in enumerate(transactions):
             error = outcome.errors.get(i)
