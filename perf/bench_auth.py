@@ -38,9 +38,8 @@ if str(REPO) not in sys.path:  # run as a script: make ``perf`` importable
     sys.path.insert(0, str(REPO))
 
 from perf import loadgen  # noqa: E402
-from perf.bench_serving import after_run, ensure_models, h2load_point  # noqa: E402
+from perf.bench_serving import ensure_models, score_point  # noqa: E402
 from perf.bench_validation import _costs, mirror_models  # noqa: E402
-from perf.loadgen import SCORE  # noqa: E402
 
 MODES = ("off", "on")
 RATE_LIMITS = "default=1000000/1000000"  # checked on every call, never reached
@@ -83,15 +82,8 @@ def measure(
 ) -> loadgen.Point:  # fmt: skip
     """Start a server in ``mode``, measure unary Score, stop it."""
     server = server_process(mode, round_index, models, key_file, args, out)
-    server.start()
-    try:
-        port = server.target.rsplit(":", 1)[1]
-        server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
-        point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
-        point.repeat = round_index
-        after_run(server, SCORE, bodies, point)
-    finally:
-        server.stop()
+    with server.serving(args.workers):
+        point = score_point(h2load, server, bodies, args, out, round_index)
     print(
         f"round {round_index + 1} auth+throttling {mode:>3}: Score {point.rps or 0:,.0f} rps, "
         f"p50 {point.p50_ms or 0:.2f} ms, p99 {point.p99_ms or 0:.2f} ms; "

@@ -54,10 +54,9 @@ if str(REPO) not in sys.path:  # run as a script: make ``perf`` importable
     sys.path.insert(0, str(REPO))
 
 from perf import loadgen  # noqa: E402
-from perf.bench_serving import after_run, ensure_models, h2load_point  # noqa: E402
-from perf.bench_tracing import _costs, read_requests  # noqa: E402
+from perf.bench_serving import ensure_models, score_point  # noqa: E402
+from perf.bench_tracing import _costs, take_h2load_log  # noqa: E402
 from perf.bench_validation import mirror_models  # noqa: E402
-from perf.loadgen import SCORE  # noqa: E402
 
 # RISKWIRE_PREDICTION_LOG_RATE, RISKWIRE_REVIEW_QUEUE per variant (None: the default)
 VARIANTS: dict[str, tuple[str | None, str | None]] = {
@@ -158,22 +157,10 @@ def measure(
     Returns the h2load point and the record of the run.
     """
     server = server_process(variant, round_index, models, args, out)
-    server.start()
-    try:
-        port = server.target.rsplit(":", 1)[1]
-        server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
-        point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
-        point.repeat = round_index
-        after_run(server, SCORE, bodies, point)
-    finally:
-        server.stop()  # the workers write what their logs hold on SIGTERM
+    with server.serving(args.workers):  # the workers write what their logs hold on SIGTERM
+        point = score_point(h2load, server, bodies, args, out, round_index)
     tag = f"{variant}-r{round_index + 1}"
-    log_file = out / f"h2load-{variant}-Score-c{args.concurrency}.log"
-    requests, window = read_requests(log_file)
-    if args.out:
-        log_file.replace(out / f"h2load-{tag}-Score-c{args.concurrency}.log")
-    else:
-        log_file.unlink(missing_ok=True)
+    requests, window = take_h2load_log(out, variant, tag, args)
     rows, in_window, cases = count_logged(shadow_dir(out, tag), window)
     record = {"requests": requests, "rows": rows, "rows_measured": in_window, "cases": cases}
     print(

@@ -157,8 +157,7 @@ def start_servers(servers: dict[str, loadgen.ServerProcess], workers: int) -> No
     for server in servers.values():
         server.start()
     for server in servers.values():
-        port = server.target.rsplit(":", 1)[1]
-        server.wait_ready(rf"serving on \S+:{port} with {workers} workers", timeout=180)
+        server.wait_serving(workers)
 
 
 def _fail(point: Point, message: str, count: int = 1) -> Point:
@@ -176,6 +175,18 @@ def after_run(server: loadgen.ServerProcess, path: str, bodies: Bodies, point: P
     problem = check_call(server.target, path, bodies)
     if problem:
         _fail(point, problem)
+
+
+def score_point(
+    h2load: str, server: loadgen.ServerProcess, bodies: Bodies, args: argparse.Namespace,
+    out: Path, round_index: int,
+) -> Point:  # fmt: skip
+    """One measured h2load run of unary Score at ``args.concurrency``, then the server's
+    health and a real call checked (the side-by-side benches' common measurement)."""
+    point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
+    point.repeat = round_index
+    after_run(server, SCORE, bodies, point)
+    return point
 
 
 def h2load_point(h2load: str, server: loadgen.ServerProcess, path: str, bodies: Bodies,

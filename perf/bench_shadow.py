@@ -94,29 +94,22 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     )
     runs: dict[str, list] = {name: [] for name in RATES}
     fixed: dict[str, list] = {name: [] for name in RATES}
-    server.start()
-    try:
-        server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
-        with AdminClient(f"127.0.0.1:{admin_port}") as admin:
-            for round_index in range(args.rounds):
-                for name, rate in RATES.items():
-                    set_rate(admin, version, rate)
-                    point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
-                    runs[name].append(point)
-                    _print(round_index, name, "saturated", point)
-                per_client = max(
-                    1, round(runs["off"][-1].rps * args.load_fraction / args.concurrency)
+    with server.serving(args.workers), AdminClient(f"127.0.0.1:{admin_port}") as admin:
+        for round_index in range(args.rounds):
+            for name, rate in RATES.items():
+                set_rate(admin, version, rate)
+                point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
+                runs[name].append(point)
+                _print(round_index, name, "saturated", point)
+            per_client = max(1, round(runs["off"][-1].rps * args.load_fraction / args.concurrency))
+            for name, rate in RATES.items():
+                set_rate(admin, version, rate)
+                point = h2load_point(
+                    h2load, server, SCORE, bodies, args.concurrency, args, out, per_client
                 )
-                for name, rate in RATES.items():
-                    set_rate(admin, version, rate)
-                    point = h2load_point(
-                        h2load, server, SCORE, bodies, args.concurrency, args, out, per_client
-                    )
-                    fixed[name].append(point)
-                    _print(round_index, name, f"at {per_client * args.concurrency} rps", point)
-            final = admin.shadow_status()
-    finally:
-        server.stop()
+                fixed[name].append(point)
+                _print(round_index, name, f"at {per_client * args.concurrency} rps", point)
+        final = admin.shadow_status()
     return summarise(runs, fixed, final, args)
 
 

@@ -304,11 +304,8 @@ def measure(
     if variant == "redis":
         flush_redis(redis_url)
     server, metrics_url = server_process(variant, round_index, models, redis_url, args, out)
-    server.start()
     results = {}
-    try:
-        port = server.target.rsplit(":", 1)[1]
-        server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
+    with server.serving(args.workers):
         before = settled_counters(metrics_url)
         for scenario in SCENARIOS:
             if scenario == "one_card":
@@ -333,8 +330,6 @@ def measure(
                 f"failed {change.get('failed', 0):.0f}",
                 flush=True,
             )
-    finally:
-        server.stop()
     return results
 
 

@@ -46,9 +46,8 @@ if str(REPO) not in sys.path:  # run as a script: make ``perf`` importable
     sys.path.insert(0, str(REPO))
 
 from perf import loadgen  # noqa: E402
-from perf.bench_serving import after_run, ensure_models, h2load_point  # noqa: E402
+from perf.bench_serving import ensure_models, score_point  # noqa: E402
 from perf.bench_validation import mirror_models  # noqa: E402
-from perf.loadgen import SCORE  # noqa: E402
 
 # RISKWIRE_TRACING_EXPORTER, RISKWIRE_TRACING_SAMPLE_RATIO (None: the default) per mode
 MODES: dict[str, tuple[str, str | None]] = {
@@ -119,6 +118,20 @@ def read_requests(log_file: Path) -> tuple[int, tuple[int, int] | None]:
     return count, (first * 1000, last * 1000)
 
 
+def take_h2load_log(
+    out: Path, name: str, tag: str, args: argparse.Namespace
+) -> tuple[int, tuple[int, int] | None]:
+    """:func:`read_requests` of the Score run just measured on server ``name``; its log is
+    then kept as ``h2load-<tag>-…`` with ``--out``, deleted otherwise."""
+    log_file = out / f"h2load-{name}-Score-c{args.concurrency}.log"
+    requests, window = read_requests(log_file)
+    if args.out:
+        log_file.replace(out / f"h2load-{tag}-Score-c{args.concurrency}.log")
+    else:
+        log_file.unlink(missing_ok=True)
+    return requests, window
+
+
 def count_spans(directory: Path, window: tuple[int, int] | None) -> tuple[int, int, int]:
     """(span files, spans, ``Score`` spans started inside ``window``) under ``directory``."""
     files = sorted(directory.glob("spans-*.jsonl")) if directory.is_dir() else []
@@ -150,22 +163,10 @@ def measure(
     Returns the h2load point and the span record of the run.
     """
     server = server_process(mode, round_index, models, args, out)
-    server.start()
-    try:
-        port = server.target.rsplit(":", 1)[1]
-        server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
-        point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
-        point.repeat = round_index
-        after_run(server, SCORE, bodies, point)
-    finally:
-        server.stop()  # the workers flush their span processors on SIGTERM
+    with server.serving(args.workers):  # the workers flush their spans on SIGTERM
+        point = score_point(h2load, server, bodies, args, out, round_index)
     tag = f"{mode}-r{round_index + 1}"
-    log_file = out / f"h2load-{mode}-Score-c{args.concurrency}.log"
-    requests, window = read_requests(log_file)
-    if args.out:
-        log_file.replace(out / f"h2load-{tag}-Score-c{args.concurrency}.log")
-    else:
-        log_file.unlink(missing_ok=True)
+    requests, window = take_h2load_log(out, mode, tag, args)
     files, spans, in_window = count_spans(trace_dir(out, tag), window)
     stray, stray_spans, _ = count_spans(models / ".traces", None)  # the default span dir
     record = {

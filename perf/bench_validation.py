@@ -96,10 +96,7 @@ def measure(
 ) -> tuple:
     """Start a server in ``mode``, measure Score then ScoreBatch, stop it."""
     server = server_process(mode, round_index, models, args, out)
-    server.start()
-    try:
-        port = server.target.rsplit(":", 1)[1]
-        server.wait_ready(rf"serving on \S+:{port} with {args.workers} workers", timeout=180)
+    with server.serving(args.workers):
         points = []
         for path in (SCORE, SCORE_BATCH):
             point = h2load_point(h2load, server, path, bodies, args.concurrency, args, out)
@@ -108,8 +105,6 @@ def measure(
             point.repeat = round_index
             after_run(server, path, bodies, point)
             points.append(point)
-    finally:
-        server.stop()
     score, batch = points
     print(
         f"round {round_index + 1} validation+drift {mode:>3}: Score {score.rps or 0:,.0f} rps, "

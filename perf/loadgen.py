@@ -26,7 +26,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -428,6 +428,21 @@ class ServerProcess:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"{self.name} not ready in {timeout:.0f}s:\n{self.log_text()[-3000:]}")
+
+    def wait_serving(self, workers: int, timeout: float = 180.0) -> None:
+        """Wait until riskwire's supervisor says all ``workers`` serve on this target."""
+        port = self.target.rsplit(":", 1)[1]
+        self.wait_ready(rf"serving on \S+:{port} with {workers} workers", timeout)
+
+    @contextlib.contextmanager
+    def serving(self, workers: int) -> Iterator[ServerProcess]:
+        """Start riskwire, wait for all ``workers``, stop it on leaving (whatever happens)."""
+        self.start()
+        try:
+            self.wait_serving(workers)
+            yield self
+        finally:
+            self.stop()
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the server (it drains its workers), then SIGKILL its whole group."""
