@@ -61,6 +61,8 @@ class Monitor(Protocol):
 class PredictionSink(Protocol):
     """The prediction log (riskwire.server.monitoring.predictions)."""
 
+    def sampled(self) -> bool: ...
+
     def add_one(self, *args: object) -> None: ...
 
     def add_many(self, *args: object) -> None: ...
@@ -276,7 +278,7 @@ class DataPlane:
                 model.name, model.version, row, int(tx.card_country[0]), probability, bool(flags)
             )
         predictions = self.predictions
-        if predictions is not None:
+        if predictions is not None and predictions.sampled():  # before building its row
             predictions.add_one(
                 request_id, transaction_id, self._clock_ms(), model.name, model.version,
                 probability, decision, card_key,

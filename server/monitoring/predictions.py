@@ -88,6 +88,11 @@ class PredictionLog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
 
+    def sampled(self) -> bool:
+        """Whether to log this answer (a ``rate_percent`` draw): ask before building the
+        arguments of :meth:`add_one`."""
+        return self.rate_percent >= 100.0 or self._random() * 100.0 < self.rate_percent
+
     def add_one(
         self,
         request_id: str,
@@ -102,11 +107,9 @@ class PredictionLog:
         features: np.ndarray,
         flags: tuple[str, ...],
     ) -> None:
-        """Log one answer (sampled at ``rate_percent``). ``raw`` holds the inputs as
-        received in :data:`RAW_COLUMNS` order (event time as scored, in ms); ``features``
-        must not be written to afterwards (pass a copy of a reused buffer)."""
-        if self.rate_percent < 100.0 and self._random() * 100.0 >= self.rate_percent:
-            return
+        """Log one answer the caller chose with :meth:`sampled`. ``raw`` holds the inputs
+        as received in :data:`RAW_COLUMNS` order (event time as scored, in ms);
+        ``features`` must not be written to afterwards (pass a copy of a reused buffer)."""
         self._pending.append(
             (request_id, transaction_id, time_ms, model, version, probability, decision,
              card_key, raw, features, flags)
