@@ -513,8 +513,7 @@ class DataPlane:
             row = int(index[j])
             review.offer(
                 model.name, model.version, f"{request_id}/{row}", tids[row] if tids else "",
-                int(times[j]),
-                int(cards[j]), float(scores[j]), decisions[row], float(inclusion[j]),
+                int(times[j]), int(cards[j]), float(scores[j]), decisions[row], float(inclusion[j]),
                 features[j].copy(), model.feature_names, None, model.forest.top_reasons,
             )  # fmt: skip
 
