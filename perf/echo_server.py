@@ -2,10 +2,10 @@
 
 It is the baseline of ``perf/bench_serving.py``: the same worker count, spawn-started
 worker processes sharing one port with SO_REUSEPORT, the same thread-pool size, the
-same channel options and the same per-core pinning as ``riskwire serve`` — but every
-handler returns pre-serialised bytes without parsing the request. What riskwire loses
-against it is the cost of our own Python work (decode, validate, features, predict,
-encode).
+same channel options, grpc experiments and per-core pinning as ``riskwire serve`` — but
+every handler returns pre-serialised bytes without parsing the request. What riskwire
+loses against it is the cost of our own Python work (decode, validate, features,
+predict, encode).
 
 Paths answered (raw bytes in, canned bytes out, no (de)serialisation per call):
 
@@ -188,6 +188,9 @@ def cpu_plan(workers: int, pin: bool) -> list[int | None]:
 
 def serve(host: str, port: int, workers: int, threads: int, pin: bool, batch_rows: int) -> int:
     """Start the workers, print the ready line, stop them all on SIGTERM/SIGINT."""
+    from riskwire.server.worker import grpc_environment
+
+    grpc_environment(_DEFAULTS)  # the same grpc experiments as riskwire's workers
     context = multiprocessing.get_context("spawn")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

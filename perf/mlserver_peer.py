@@ -22,6 +22,10 @@ Threads: LightGBM predicts with one OpenMP thread per core in every process; wit
 several processes predicting at once (``parallel_workers`` >= 1 next to the server
 process) they oversubscribe the cores and throughput drops about tenfold. The tried
 configurations therefore set ``OMP_NUM_THREADS=1``, plus one with the default to show it.
+
+gRPC: MLServer serves gRPC with grpc.aio on the grpcio it installs. One configuration
+also gets the ``GRPC_EXPERIMENTS`` riskwire's workers run with (``grpc_experiments`` in
+``server/config.py``), so our gRPC tuning is not counted as our advantage.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from perf.fastapi_peer import (
     same_probabilities,
     venv_versions,
 )
+from riskwire.server.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / "perf" / "results" / "peers" / "mlserver-venv"
@@ -73,6 +78,7 @@ class MLServerConfig:
     max_batch_size: int = 0  # 0 or 1: adaptive batching off
     max_batch_time: float = 0.0  # seconds
     omp_threads: int = 0  # OMP_NUM_THREADS for LightGBM; 0 = the library's default (cores)
+    grpc_experiments: str = ""  # GRPC_EXPERIMENTS for MLServer's grpcio; "" = its defaults
 
     @property
     def batching(self) -> bool:
@@ -86,14 +92,20 @@ class MLServerConfig:
         if self.batching:
             batch = f"{self.max_batch_size}/{self.max_batch_time * 1000:g}ms"
         omp = f" omp={self.omp_threads or 'default'}"
-        return f"pw={self.parallel_workers} batch={batch}{omp}"
+        grpc = f" grpc={self.grpc_experiments}" if self.grpc_experiments else ""
+        return f"pw={self.parallel_workers} batch={batch}{omp}{grpc}"
 
 
 def parse_configs(text: str) -> list[MLServerConfig]:
-    """``"2@1,2:32:0.002@1"`` → configs: ``WORKERS[:BATCH_SIZE:BATCH_SECONDS][@OMP_THREADS]``."""
+    """``"2@1,2:32:0.002@1,0@1+riskwire"`` → configs:
+    ``WORKERS[:BATCH_SIZE:BATCH_SECONDS][@OMP_THREADS][+riskwire]``, where ``+riskwire``
+    runs MLServer with riskwire's ``GRPC_EXPERIMENTS``."""
     configs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        head, _, omp = item.partition("@")
+        spec, plus, tuning = item.partition("+")
+        if plus and tuning != "riskwire":
+            raise ValueError(f"MLServer config {item!r}: the only suffix is +riskwire")
+        head, _, omp = spec.partition("@")
         fields = head.split(":")
         if len(fields) not in (1, 3):
             raise ValueError(f"MLServer config {item!r}: use WORKERS[:SIZE:SECONDS][@THREADS]")
@@ -101,7 +113,8 @@ def parse_configs(text: str) -> list[MLServerConfig]:
         size, seconds = (int(fields[1]), float(fields[2])) if len(fields) == 3 else (0, 0.0)
         if min(workers, size, seconds, threads) < 0:
             raise ValueError(f"MLServer config {item!r}: values must be >= 0")
-        configs.append(MLServerConfig(workers, size, seconds, threads))
+        experiments = Settings().grpc_experiments if plus else ""
+        configs.append(MLServerConfig(workers, size, seconds, threads, experiments))
     return configs
 
 
@@ -110,12 +123,14 @@ def default_configs(cores: int) -> list[MLServerConfig]:
 
     Each with ``OMP_NUM_THREADS=1`` (LightGBM's OpenMP threads per process otherwise
     oversubscribe the cores once several processes predict at once), plus one config
-    with LightGBM's default threads, to show what that costs.
+    with LightGBM's default threads, to show what that costs, and the best configuration
+    of earlier runs (no inference workers, one thread) with riskwire's grpc experiments.
     """
     workers = sorted({0, 1, cores})
     configs = [MLServerConfig(cores)]
     for w in workers:
         configs += [MLServerConfig(w, omp_threads=1), MLServerConfig(w, 32, 0.002, 1)]
+    configs.append(MLServerConfig(0, omp_threads=1, grpc_experiments=Settings().grpc_experiments))
     return configs
 
 
@@ -327,6 +342,8 @@ def start(config: MLServerConfig, model_file: Path, rows: Sequence[Sequence[floa
     env = dict(os.environ)
     if config.omp_threads:
         env["OMP_NUM_THREADS"] = str(config.omp_threads)
+    if config.grpc_experiments:
+        env["GRPC_EXPERIMENTS"] = config.grpc_experiments
     server = Server("mlserver", command(root), grpc_target, root / "mlserver.log", env)
     server.start()
     found = targets(config.label, grpc_target, f"http://127.0.0.1:{ports.http}", rows, expected,
@@ -343,5 +360,7 @@ def start(config: MLServerConfig, model_file: Path, rows: Sequence[Sequence[floa
         server.stop()
         return problem
     configuration = {"label": config.label, **asdict(config), **files, "command": server.command}
-    configuration["env"] = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "(unset)")}
+    configuration["env"] = {
+        name: env.get(name, "(unset)") for name in ("OMP_NUM_THREADS", "GRPC_EXPERIMENTS")
+    }
     return server, found, configuration

@@ -46,6 +46,9 @@ class Settings:
     workers: int = 0  # 0 = one per available core
     threads_per_worker: int = 8  # gRPC handler threads per worker process
     pin_workers: bool = True  # pin each worker to its own core when cores >= workers
+    # GRPC_EXPERIMENTS for the workers unless already set: grpc's older listener accepts
+    # connections into the polling thread's own epoll set (one thread hop fewer per call).
+    grpc_experiments: str = "-event_engine_listener"
     models: str = "models"  # models directory (RISKWIRE_MODELS)
     default_model: str = "fraud"  # model used when a request names none
     max_message_bytes: int = 16 * 1024 * 1024

@@ -63,6 +63,7 @@ from .worker import (
     WorkerFailed,
     WorkerReady,
     configure_logging,
+    grpc_environment,
     run_worker,
 )
 
@@ -130,6 +131,7 @@ class Supervisor:
             log.warning("%s", warning)
         # One Numba thread per worker: parallelism comes from the processes.
         os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+        grpc_environment(settings)
         if settings.state_backend == "local":  # with Redis, the workers hold no card state
             self._state = SharedCardState.create(
                 settings.state_capacity, snapshot=settings.snapshot_path

@@ -64,6 +64,13 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def grpc_environment(settings: Settings) -> None:
+    """Set grpc's process-wide knobs for worker processes spawned after this call (a
+    variable the operator set wins)."""
+    if settings.grpc_experiments:
+        os.environ.setdefault("GRPC_EXPERIMENTS", settings.grpc_experiments)
+
+
 def _die_with_parent() -> None:
     """Get SIGTERM when the supervisor dies (even by SIGKILL), so no orphan keeps the port."""
     parent = os.getppid()

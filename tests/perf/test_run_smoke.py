@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from riskwire.server.config import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -111,7 +113,13 @@ def test_mlserver_configs_and_repository(tmp_path: Path) -> None:
                                           "pw=2 batch=32/2ms omp=1"]  # fmt: skip
     with pytest.raises(ValueError):
         mlserver_peer.parse_configs("2:32")
+    with pytest.raises(ValueError):
+        mlserver_peer.parse_configs("0@1+turbo")
+    tuned = mlserver_peer.parse_configs("0@1+riskwire")[0]
+    assert tuned.grpc_experiments == Settings().grpc_experiments != ""
+    assert tuned.label == f"pw=0 batch=off omp=1 grpc={tuned.grpc_experiments}"
     assert mlserver_peer.MLServerConfig(2) in mlserver_peer.default_configs(2)
+    assert tuned in mlserver_peer.default_configs(2)
     model = tmp_path / "model.txt"
     model.write_text("tree\n")
     ports = mlserver_peer.Ports(1, 2, 3)
