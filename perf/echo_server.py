@@ -2,10 +2,10 @@
 
 It is the baseline of ``perf/bench_serving.py``: the same worker count, spawn-started
 worker processes sharing one port with SO_REUSEPORT, the same thread-pool size, the
-same channel options, grpc experiments and per-core pinning as ``riskwire serve`` — but
-every handler returns pre-serialised bytes without parsing the request. What riskwire
-loses against it is the cost of our own Python work (decode, validate, features,
-predict, encode).
+same channel options, grpc experiments and per-core pinning as ``riskwire serve``, and
+the same polling-thread dispatch of small unary calls — but every handler returns
+pre-serialised bytes without parsing the request. What riskwire loses against it is the
+cost of our own Python work (decode, validate, features, predict, encode).
 
 Paths answered (raw bytes in, canned bytes out, no (de)serialisation per call):
 
@@ -116,9 +116,12 @@ def canned_responses(model: str = "fraud", batch_rows: int = 256) -> dict[str, b
 def _handler(canned: dict[str, bytes]):  # noqa: ANN202 - a grpc.GenericRpcHandler
     import grpc
 
+    from riskwire.server.grpc.dispatch import inline
+
     unknown: set[str] = set()
 
     def answer(response: bytes) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        @inline
         def method(request: bytes, context: grpc.ServicerContext) -> bytes:
             return response
 
@@ -160,8 +163,9 @@ def run_worker(
         os.sched_setaffinity(0, {cpu})
     import grpc
 
-    from riskwire.server.worker import grpc_options
+    from riskwire.server.worker import grpc_options, polling_thread_dispatch
 
+    polling_thread_dispatch(_DEFAULTS)  # as riskwire's workers do
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"echo{worker_id}"),
         options=grpc_options(_DEFAULTS),

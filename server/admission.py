@@ -6,11 +6,12 @@ Three layers, cheapest first:
    RESOURCE_EXHAUSTED without queueing the call at all. It bounds memory and the worst
    queue.
 2. The queue-time budget (this interceptor, per worker): on arrival, the wait a call
-   would have is estimated as ``queued calls × mean service time / handler threads``;
+   would have is estimated as ``(queued calls / handler threads + calls waiting for
+   the polling thread) × mean service time`` (see ``server/grpc/dispatch.py``);
    above ``queue_budget_ms`` it gets a pre-built handler that answers
    RESOURCE_EXHAUSTED ("server saturated") in a few microseconds, so the queue drains
-   fast and admitted calls keep their latency. The estimate only reads the executor's
-   queue length and a float, so an admitted call pays well under a microsecond.
+   fast and admitted calls keep their latency. The estimate only reads two queue lengths
+   and a float, so an admitted call pays well under a microsecond.
 3. Deadlines (``check_deadline`` in the unary wrapper): a call whose remaining deadline
    is shorter than the mean service time is refused with DEADLINE_EXCEEDED before any
    work is spent on it.
@@ -26,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+
+from .grpc import dispatch
 
 SATURATED = "server saturated: its queue is over the time budget; retry with backoff"
 _WEIGHT = 0.02  # of the newest latency in the running mean
@@ -62,8 +65,10 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         return int(repr(self._refused)[6:-1])
 
     def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
-        queued = self._queue.qsize()
-        if not queued or queued * self.service.mean_s <= self.budget_s * self.threads:
+        queued, inline = self._queue.qsize(), dispatch.pending()
+        if not (queued or inline) or (
+            (queued / self.threads + inline) * self.service.mean_s <= self.budget_s
+        ):
             return continuation(handler_call_details)
         method = handler_call_details.method
         if method.startswith(EXEMPT):  # health checks must see a live server

@@ -45,6 +45,10 @@ class Settings:
     port: int = 50051
     workers: int = 0  # 0 = one per available core
     threads_per_worker: int = 8  # gRPC handler threads per worker process
+    # Unary scoring calls up to this size run on grpc's polling thread, without a hop to
+    # the thread pool (server/grpc/dispatch.py); larger ones, and all calls with the
+    # Redis backend, use the pool. 0 = always the pool.
+    inline_max_request_bytes: int = 32 * 1024
     pin_workers: bool = True  # pin each worker to its own core when cores >= workers
     # GRPC_EXPERIMENTS for the workers unless already set: grpc's older listener accepts
     # connections into the polling thread's own epoll set (one thread hop fewer per call).
@@ -177,6 +181,8 @@ class Settings:
             raise SettingsError(f"port {self.port} is out of range 0..65535")
         if self.workers < 0 or self.threads_per_worker < 1:
             raise SettingsError("workers must be >= 0 and threads_per_worker >= 1")
+        if self.inline_max_request_bytes < 0:
+            raise SettingsError("inline_max_request_bytes must be >= 0 (0 = the thread pool)")
         if self.state_capacity < 8 or self.state_capacity & (self.state_capacity - 1):
             raise SettingsError(f"state_capacity {self.state_capacity} must be a power of two")
         if self.max_batch_rows < 1 or self.max_message_bytes < 1024:

@@ -222,6 +222,7 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
         configure_gate(gate)
         if settings.auth and not settings.auth_open_health:
             interceptors.append(OpenServicesInterceptor(gate))
+    polling_thread_dispatch(settings)
     executor = futures.ThreadPoolExecutor(
         max_workers=settings.threads_per_worker, thread_name_prefix=f"w{worker_id}"
     )
@@ -267,6 +268,18 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
         state,
         (mirror, recorder, predictions, request_log, dataplane.review),
     )
+
+
+def polling_thread_dispatch(settings: Settings) -> None:
+    """Small unary calls on grpc's polling thread, unless a handler may block (Redis)."""
+    from .grpc import dispatch
+
+    limit = settings.inline_max_request_bytes
+    if settings.state_backend == "redis":
+        limit = 0  # a card-state round trip per call must not hold up the polling thread
+    dispatch.configure(limit)
+    if limit:
+        dispatch.install()
 
 
 _STATE_COUNTERS = {

@@ -16,6 +16,7 @@ from ..dataplane import BATCH_COLUMNS, DataPlane
 from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
 from ..request_log import CALL
+from .dispatch import inline
 from .scoring import RequestIds
 from .status import caller, check_deadline, count_item, item_error, throttle, unary
 from .tensors import (
@@ -48,14 +49,17 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._ids = ids or RequestIds()
 
     # ---------------------------------------------------------------- health & metadata
+    @inline
     @unary
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
+    @inline
     @unary
     def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self._is_ready())
 
+    @inline
     @unary
     def ModelReady(self, request, context):
         try:
@@ -64,12 +68,14 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self._is_ready())
 
+    @inline
     @unary
     def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
             name="riskwire", version=__version__, extensions=EXTENSIONS
         )
 
+    @inline
     @unary
     def ModelMetadata(self, request, context):
         model = self._named_model(request.name, request.version)
@@ -81,6 +87,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[_TensorMeta(name=n, datatype=d, shape=[-1, 1]) for n, d in OUTPUTS],
         )
 
+    @inline
     @unary
     def ModelConfig(self, request, context):
         model = self._named_model(request.name, request.version)
@@ -102,6 +109,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     # ---------------------------------------------------------------- inference
+    @inline
     @unary
     def ModelInfer(self, request, context):
         return self._infer(request)

@@ -16,6 +16,7 @@ from riskwire.shadow.labels import MAX_ID_CHARS, LabelStore
 from ..dataplane import BATCH_COLUMNS, DataPlane, ScoreOutcome
 from ..errors import InvalidInputError, NotReadyError
 from ..request_log import CALL
+from .dispatch import inline
 from .status import caller, check_deadline, count_item, item_error, throttle, unary
 
 DECISIONS = {
@@ -102,12 +103,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             flags=outcome.flags,
         )
 
+    @inline
     @unary
     def Score(self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext):
         if not request.HasField("transaction"):
             raise InvalidInputError("transaction: required field is missing", field="transaction")
         return self._score(request)
 
+    @inline
     @unary
     def ScoreBatch(self, request: scoring_pb2.ScoreBatchRequest, context: grpc.ServicerContext):
         dataplane = self._dataplane
