@@ -35,7 +35,6 @@ _TRITON_TYPES = {
     "INT64": pb.TYPE_INT64, "INT32": pb.TYPE_INT32,
 }  # fmt: skip
 _TensorMeta = pb.ModelMetadataResponse.TensorMetadata
-_OutputTensor = pb.ModelInferResponse.InferOutputTensor
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -195,7 +194,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             else:
                 content = encode_bytes_elements(decisions)
                 datatype = "BYTES"
-            response.outputs.append(_OutputTensor(name=name, datatype=datatype, shape=shape))
+            response.outputs.add(name=name, datatype=datatype, shape=shape)  # no temporary
             response.raw_output_contents.append(content)
         return response
 
