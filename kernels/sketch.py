@@ -147,6 +147,11 @@ class SketchLayout:
             self.lookup, self.lookup_offsets, counts,
         )  # fmt: skip
 
+    def warmup(self) -> None:
+        """Compile (or load from cache) and run the counting kernel on scratch counts."""
+        scratch = np.zeros(self.total_slots, dtype=np.int64)
+        self.add(np.zeros((1, NUM_COLUMNS)), np.zeros(1, dtype=np.bool_), scratch)
+
     def column_counts(self, counts: np.ndarray, index: int) -> np.ndarray:
         """The slots of column ``index`` in a summed bucket row."""
         return counts[self.slot_offsets[index] : self.slot_offsets[index + 1]]

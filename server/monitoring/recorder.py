@@ -69,8 +69,11 @@ class DriftRecorder:
         self._thread = threading.Thread(target=self._run, name="drift-publisher", daemon=True)
 
     def add_model(self, name: str, version: str, profile: dict[str, Any]) -> None:
-        """Start sketching a model version (its profile gives the bins)."""
-        sketch = Sketch(SketchLayout(profile), bucket_s=self.bucket_s, buckets=self._buckets)
+        """Start sketching a model version (its profile gives the bins); the kernels are
+        warmed here, before the version serves."""
+        layout = SketchLayout(profile)
+        layout.warmup()
+        sketch = Sketch(layout, bucket_s=self.bucket_s, buckets=self._buckets)
         with self._lock:
             self._sketches[(name, version)] = sketch
 
