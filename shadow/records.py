@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ PREDICTIONS = "predictions"
 COMPRESSION = "snappy"  # cheap to write on the server; every Parquet reader knows it
 
 _TIME = pa.timestamp("ms", tz="UTC")
+STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # segment names: part-<UTC write time>-w<worker>-…
+CLOCK_SLACK = timedelta(minutes=5)  # reading from ``since``: older segments are kept this long
 _CORE_FIELDS = [
     pa.field("request_id", pa.string()),
     pa.field("transaction_id", pa.string()),
@@ -200,7 +202,7 @@ class SegmentWriter:
 
     def _write(self, table: pa.Table) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime(STAMP_FORMAT)
         name = f"part-{stamp}-w{self.worker}-{os.getpid()}-{next(self._sequence):06d}.parquet"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
@@ -251,17 +253,31 @@ def segment_files(directory: str | os.PathLike[str], stream: str) -> list[Path]:
     return sorted(p for p in folder.glob("part-*.parquet"))
 
 
+def _written_before(paths: list[Path], moment: datetime) -> list[bool]:
+    """Whether each segment was written before ``moment`` (the write time is in its name,
+    and it is later than the time of every row in the segment)."""
+    cutoff = moment.astimezone(UTC).strftime(STAMP_FORMAT)
+    return [path.name.split("-", 2)[1] < cutoff for path in paths]
+
+
 def purge_segments(directory: str | os.PathLike[str], stream: str, older_than: datetime) -> int:
     """Delete the stream's segments written before ``older_than`` (every row in such a
-    segment is older); returns how many. The write time is in the segment's name."""
-    cutoff = older_than.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    segment is older); returns how many."""
+    files = segment_files(directory, stream)
     removed = 0
-    for path in segment_files(directory, stream):
-        stamp = path.name.split("-", 2)[1]  # part-<utc stamp>-w<worker>-…
-        if stamp < cutoff:
+    for path, old in zip(files, _written_before(files, older_than), strict=True):
+        if old:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def segments_since(directory: str | os.PathLike[str], stream: str, since: datetime) -> list[Path]:
+    """The stream's segments that may hold rows at or after ``since``: a segment written
+    before it (less ``CLOCK_SLACK``) holds only older rows."""
+    files = segment_files(directory, stream)
+    old = _written_before(files, since - CLOCK_SLACK)
+    return [path for path, before in zip(files, old, strict=True) if not before]
 
 
 def _read_stream(
@@ -271,11 +287,17 @@ def _read_stream(
     time_column: str,
     since: datetime | None,
     until: datetime | None,
+    columns: Sequence[str] | None = None,
 ) -> pa.Table:
-    files = segment_files(directory, stream)
+    files = segment_files(directory, stream) if since is None else segments_since(
+        directory, stream, since
+    )  # fmt: skip
+    if columns is not None:
+        schema = pa.schema([schema.field(name) for name in columns])
     if not files:
         return schema.empty_table()
-    tables = [pq.read_table(f) for f in files]
+    wanted = list(columns) if columns is not None else None
+    tables = [pq.read_table(f, columns=wanted) for f in files]
     table = pa.concat_tables(tables, promote_options="default")
     if since is not None:
         table = table.filter(pc.greater_equal(table[time_column], pa.scalar(since, _TIME)))
@@ -299,9 +321,11 @@ def read_predictions(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
+    columns: Sequence[str] | None = None,
 ) -> pa.Table:
-    """Logged primary predictions with ``since <= time < until``."""
-    return _read_stream(directory, PREDICTIONS, PREDICTION_SCHEMA, "time", since, until)
+    """Logged primary predictions with ``since <= time < until`` (only ``columns``, which
+    must include ``time``, when given)."""
+    return _read_stream(directory, PREDICTIONS, PREDICTION_SCHEMA, "time", since, until, columns)
 
 
 def read_labels(directory: str | os.PathLike[str]) -> pa.Table:

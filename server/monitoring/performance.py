@@ -10,6 +10,7 @@ rules watch. Fewer than ``min_labels`` labelled predictions (or only one class) 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -19,11 +20,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from riskwire.shadow.metrics import roc_auc
-from riskwire.shadow.records import join_labels, read_labels, read_predictions
+from riskwire.shadow.records import (
+    PREDICTION_SCHEMA,
+    PREDICTIONS,
+    join_labels,
+    read_labels,
+    read_predictions,
+    segments_since,
+)
 
 PERFORMANCE_COLUMN = "performance"
+# what the live measures read of the prediction log (not the features or raw inputs)
+PREDICTION_COLUMNS = (
+    "request_id", "transaction_id", "time", "model", "version", "probability", "decision",
+)  # fmt: skip
+SERVED_COLUMNS = ("time", "model", "version")
+_NO_LABELLED = pa.schema(
+    [PREDICTION_SCHEMA.field(name) for name in PREDICTION_COLUMNS] + [pa.field("label", pa.int8())]
+).empty_table()
 MEASURES = (
     "auc", "auc_drop", "precision_decline", "recall_decline", "precision_review",
     "recall_review", "ece", "brier", "label_rate",
@@ -80,6 +99,31 @@ def package_test_auc(models_dir: Path, name: str, version: str) -> float:
         return math.nan
 
 
+def _served(predictions: pa.Table) -> set[tuple[str, str]]:
+    """The (model, version) pairs of a table of logged predictions."""
+    pairs = predictions.group_by(["model", "version"]).aggregate([])
+    return set(zip(pairs["model"].to_pylist(), pairs["version"].to_pylist(), strict=True))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _segment_served(path: Path) -> tuple[datetime | None, frozenset[tuple[str, str]]]:
+    """Latest row time and served versions of one prediction segment (segments never
+    change once written, so each is read once per process)."""
+    table = pq.read_table(path, columns=list(SERVED_COLUMNS))
+    latest = pc.max(table["time"]).as_py() if table.num_rows else None
+    return latest, frozenset(_served(table))
+
+
+def served_since(predictions_dir: Path, since: datetime) -> set[tuple[str, str]]:
+    """The (model, version) pairs that answered at or after ``since``."""
+    served: set[tuple[str, str]] = set()
+    for path in segments_since(predictions_dir, PREDICTIONS, since):
+        latest, pairs = _segment_served(path)
+        if latest is not None and latest >= since:
+            served |= pairs
+    return served
+
+
 def live_performance(
     predictions_dir: Path,
     models_dir: Path,
@@ -91,11 +135,16 @@ def live_performance(
     """Rows (model, version, window, column "performance", measure, value, count)."""
     now = time.time() if now is None else now
     since = datetime.fromtimestamp(now - max(windows.values()), UTC)
-    predictions = read_predictions(predictions_dir, since=since)
-    if not predictions.num_rows:
+    stored_labels = read_labels(predictions_dir)
+    if stored_labels.num_rows:
+        predictions = read_predictions(predictions_dir, since=since, columns=PREDICTION_COLUMNS)
+        served = _served(predictions)
+        joined = join_labels(predictions, stored_labels)
+        labelled = joined.filter(joined["label"].is_valid())
+    else:  # no label yet: only which versions served, known per segment once read
+        served, labelled = served_since(predictions_dir, since), _NO_LABELLED
+    if not served:
         return []
-    joined = join_labels(predictions, read_labels(predictions_dir))
-    labelled = joined.filter(joined["label"].is_valid())
     times = labelled["time"].cast("int64").to_numpy() / 1000.0
     models = np.array(labelled["model"].to_pylist(), dtype=object)
     versions = np.array(labelled["version"].to_pylist(), dtype=object)
@@ -103,8 +152,7 @@ def live_performance(
     decisions = np.array(labelled["decision"].to_pylist(), dtype=object)
     labels = labelled["label"].to_numpy().astype(np.int64)
     rows = []
-    served = zip(predictions["model"].to_pylist(), predictions["version"].to_pylist(), strict=True)
-    for name, version in sorted(set(served)):
+    for name, version in sorted(served):
         reference = package_test_auc(models_dir, name, version)
         mine = (models == name) & (versions == version)
         for window, seconds in windows.items():

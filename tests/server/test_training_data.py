@@ -224,3 +224,34 @@ def test_purge_segments_by_their_write_time(tmp_path: Path) -> None:
     assert [p.name[5:13] for p in segment_files(tmp_path, "predictions")] == [
         "20260301", "20260302",
     ]  # fmt: skip
+
+
+def test_reading_since_a_time_skips_segments_written_before_it(tmp_path: Path) -> None:
+    """Only segments written after ``since`` (less a clock slack) are opened: the live
+    performance evaluation reads the last day of a log that may hold months."""
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from riskwire.shadow.records import CLOCK_SLACK, PREDICTION_SCHEMA, STAMP_FORMAT
+
+    since = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+
+    def segment(written: datetime, row_time: datetime, request_id: str) -> None:
+        values = {name: [None] for name in PREDICTION_SCHEMA.names}
+        values.update(request_id=[request_id], time=[row_time], model=["fraud"], version=["1"])
+        path = folder / f"part-{written.strftime(STAMP_FORMAT)}-w0-1-{request_id}.parquet"
+        pq.write_table(pa.table(values, schema=PREDICTION_SCHEMA), path)
+
+    segment(since - timedelta(days=30), since - timedelta(days=30), "month-old")
+    two_days_before = (since - timedelta(days=2)).strftime(STAMP_FORMAT)
+    (folder / f"part-{two_days_before}-w0-1-x.parquet").write_bytes(b"not parquet: never read")
+    segment(since - CLOCK_SLACK / 2, since + timedelta(seconds=1), "written-in-the-slack")
+    segment(since + timedelta(hours=1), since + timedelta(minutes=59), "recent")
+    read = read_predictions(tmp_path, since=since, columns=("request_id", "time", "model"))
+    assert sorted(read["request_id"].to_pylist()) == ["recent", "written-in-the-slack"]
+    assert read.column_names == ["request_id", "time", "model"]
+    assert read_predictions(tmp_path, since=since + timedelta(days=1)).num_rows == 0
