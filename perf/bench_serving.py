@@ -140,6 +140,7 @@ def server_processes(
         **os.environ,
         "RISKWIRE_THREADS_PER_WORKER": str(args.threads),
         "RISKWIRE_STATE_SNAPSHOT": str(state / "cards.snapshot"),  # fresh; models untouched
+        "RISKWIRE_SHADOW_DIR": str(state / "shadow"),  # prediction log: fresh per run
         # Any free ports: never clash with a running server.
         "RISKWIRE_ADMIN_PORT": "0",
         "RISKWIRE_METRICS_PORT": "0",

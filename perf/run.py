@@ -342,6 +342,7 @@ def start_servers(
     ports = {name: loadgen.free_port() for name in ("riskwire", "echo", "fastapi")}
     env = {**os.environ, "RISKWIRE_THREADS_PER_WORKER": str(threads),
            "RISKWIRE_STATE_SNAPSHOT": str(state / "cards.snapshot"),
+           "RISKWIRE_SHADOW_DIR": str(state / "shadow"),  # prediction log: fresh per run
            "RISKWIRE_ADMIN_PORT": "0", "RISKWIRE_METRICS_PORT": "0"}  # fmt: skip
     cli = [sys.executable, "-m", "riskwire.clients.cli", "serve", "--models", str(work.models)]
     commands = {

@@ -138,6 +138,7 @@ def measure(args: argparse.Namespace, out: Path) -> dict:
         env = {
             **os.environ,
             "RISKWIRE_STATE_SNAPSHOT": str(out / f"cards-{workers}.snap"),
+            "RISKWIRE_SHADOW_DIR": str(out / f"shadow-{workers}"),  # prediction log: fresh
             "RISKWIRE_ADMIN_PORT": "0",
             "RISKWIRE_METRICS_PORT": "0",
         }
