@@ -25,6 +25,7 @@ from .tensors import (
     OUTPUTS,
     decode_features,
     decode_inputs,
+    decode_single_row,
     encode_bytes_elements,
 )
 
@@ -136,16 +137,16 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return self._dataplane.model(name, version)
 
     def _score_single(
-        self, model: ModelRuntime, columns: dict, request_id: str, route: bool
+        self, model: ModelRuntime, values: dict, request_id: str, route: bool
     ) -> tuple[list, list, list, ModelRuntime]:
-        transaction_ids = columns.get("transaction_id")
+        """One row given as scalars (every column of BATCH_COLUMNS and transaction_id)."""
         outcome = self._dataplane.score_one(
             model,
-            **{name: _first(columns[name]) for name in BATCH_COLUMNS},
+            **{name: values[name] for name in BATCH_COLUMNS},
             top_reasons=0,
             field_prefix="row 0: input ",
             request_id=request_id,
-            transaction_id=transaction_ids[0] if transaction_ids else "",
+            transaction_id=values["transaction_id"],
             route=route,
         )
         return [outcome.probability], [outcome.decision], [outcome.flags], outcome.model or model
@@ -166,12 +167,20 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             outcome = dataplane.score_features(model, features)
             probabilities, decisions, rows = outcome.probabilities, outcome.decisions, len(features)
             flags = outcome.flags
+        elif (single := decode_single_row(request)) is not None:  # the common online call
+            probabilities, decisions, flags, model = self._score_single(
+                model, single, request_id, not request.model_version
+            )
+            rows = 1
         else:
             columns, rows = decode_inputs(request, dataplane.max_batch_rows)
             route = not request.model_version  # a canary may answer (by the first card)
-            if rows == 1:  # the common online case: the allocation-free single-row path
+            if rows == 1:  # the allocation-free single-row path
+                values = {name: _first(column) for name, column in columns.items()}
+                transaction_ids = columns.get("transaction_id")
+                values["transaction_id"] = transaction_ids[0] if transaction_ids else ""
                 probabilities, decisions, flags, model = self._score_single(
-                    model, columns, request_id, route
+                    model, values, request_id, route
                 )
             else:
                 # All or nothing: a tensor request with a bad row must not touch card state.
