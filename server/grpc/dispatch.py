@@ -152,8 +152,11 @@ def _dispatching(server: Any, pooled: Callable[..., futures.Future]) -> Callable
             message = server._serialized_request(event)
             finished, callbacks = receive(event)
             if message is None or len(message) > _max_request_bytes:
-                thread_pool.submit(respond)  # big, or no message: see take_request
-                return finished, callbacks
+                try:
+                    thread_pool.submit(respond)  # big, or no message: see take_request
+                    return finished, callbacks
+                except RuntimeError:  # the pool is shut down (server stopping): answer here
+                    pass
             return finished, (*callbacks, respond)
 
         global _waiting
