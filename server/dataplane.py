@@ -220,18 +220,19 @@ class DataPlane:
             model = self.registry.route(model, card_key)
         CALL.model = model
         tx.merchant_key[0] = encoding.hash64(merchant_id)
-        tx.event_time_ms[0] = event_time_ms or self._clock_ms()
+        tx.event_time_ms[0] = event_time_ms = event_time_ms or self._clock_ms()
         tx.amount[0] = amount
         tx.mcc[0] = mcc if 0 <= mcc <= encoding.MCC_MAX else encoding.UNKNOWN_CODE
-        tx.country[0] = encoding.COUNTRY_CODES.get(country, encoding.UNKNOWN_CODE)
-        tx.card_country[0] = encoding.COUNTRY_CODES.get(card_country, encoding.UNKNOWN_CODE)
-        tx.currency[0] = encoding.CURRENCY_CODES.get(currency, encoding.UNKNOWN_CODE)
-        tx.channel[0] = encoding.CHANNEL_CODES.get(channel, encoding.UNKNOWN_CODE)
+        unknown = encoding.UNKNOWN_CODE  # the codes stay Python ints for the calls below
+        tx.country[0] = country_code = encoding.COUNTRY_CODES.get(country, unknown)
+        tx.card_country[0] = issuer_code = encoding.COUNTRY_CODES.get(card_country, unknown)
+        tx.currency[0] = currency_code = encoding.CURRENCY_CODES.get(currency, unknown)
+        tx.channel[0] = channel_code = encoding.CHANNEL_CODES.get(channel, unknown)
         flags: tuple[str, ...] = ()
         policy = self.policy
         if policy is not None:
             mask = model.validation.row(
-                amount, mcc, tx.country[0], tx.card_country[0], tx.currency[0], tx.channel[0]
+                amount, mcc, country_code, issuer_code, currency_code, channel_code
             )
             if mask:  # rejects before the card's state is touched
                 flags = policy.apply(
@@ -275,7 +276,7 @@ class DataPlane:
         monitor = self.monitor
         if monitor is not None:
             monitor.record_one(
-                model.name, model.version, row, int(tx.card_country[0]), probability, bool(flags)
+                model.name, model.version, row, issuer_code, probability, bool(flags)
             )
         predictions = self.predictions
         if predictions is not None and predictions.sampled():  # before building its row
@@ -283,7 +284,7 @@ class DataPlane:
                 request_id, transaction_id, self._clock_ms(), model.name, model.version,
                 probability, decision, card_key,
                 (card_id, merchant_id, mcc, amount, currency, country, card_country, channel,
-                 int(tx.event_time_ms[0])),
+                 int(event_time_ms)),
                 row.copy(), flags,
             )  # fmt: skip
         review = self.review
@@ -292,7 +293,7 @@ class DataPlane:
             if inclusion:
                 review.offer(
                     model.name, model.version, request_id, transaction_id,
-                    int(tx.event_time_ms[0]), card_key, probability, decision, inclusion,
+                    int(event_time_ms), card_key, probability, decision, inclusion,
                     row.copy(), model.feature_names, reasons, model.forest.top_reasons,
                 )  # fmt: skip
         if stages:
@@ -304,8 +305,8 @@ class DataPlane:
                 model.version,
                 request_id,
                 transaction_id,
-                int(tx.event_time_ms[0]),
-                int(tx.card_key[0]),
+                int(event_time_ms),
+                int(card_key),
                 probability,
                 decision,
                 (time.perf_counter() - started) * 1e6,
