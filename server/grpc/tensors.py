@@ -205,15 +205,15 @@ _SCALAR_FORMATS = {
         ("UINT16", "<H"),
     )
 }  # fmt: skip
-_SINGLE_ROW_SHAPES = ([1], [1, 1])
+_REQUIRED_INPUTS = frozenset(spec.name for spec in INPUTS if not spec.optional)
 
 
 def decode_single_row(request) -> dict[str, object] | None:  # noqa: ANN001
     """The values of a well-formed one-row request as Python scalars, read without numpy
     (the common online call), or None: then :func:`decode_inputs` decodes the request,
     or says what is wrong with it. Same values as the first row of ``decode_inputs``."""
-    raw_contents = request.raw_input_contents
     inputs = request.inputs
+    raw_contents = list(request.raw_input_contents)
     if raw_contents and len(raw_contents) != len(inputs):
         return None
     values: dict[str, object] = {}
@@ -222,7 +222,9 @@ def decode_single_row(request) -> dict[str, object] | None:  # noqa: ANN001
         spec = INPUTS_BY_NAME.get(name)
         if spec is None or name in values or datatype not in spec.accepted:
             return None
-        if list(tensor.shape) not in _SINGLE_ROW_SHAPES:
+        shape = tensor.shape
+        dims = len(shape)
+        if not (dims == 1 or dims == 2 and shape[1] == 1) or shape[0] != 1:
             return None
         if raw_contents:
             raw = raw_contents[index]
@@ -254,7 +256,7 @@ def decode_single_row(request) -> dict[str, object] | None:  # noqa: ANN001
         else:
             value = int(value)  # type: ignore[call-overload]
         values[name] = value
-    if any(not s.optional and s.name not in values for s in INPUTS):
+    if not _REQUIRED_INPUTS.issubset(values):
         return None
     values.setdefault("event_time_ms", 0)
     values.setdefault("transaction_id", "")
