@@ -96,13 +96,14 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     fixed: dict[str, list] = {name: [] for name in RATES}
     with server.serving(args.workers), AdminClient(f"127.0.0.1:{admin_port}") as admin:
         for round_index in range(args.rounds):
-            for name, rate in RATES.items():
+            order = _rotated(list(RATES.items()), round_index)
+            for name, rate in order:
                 set_rate(admin, version, rate)
                 point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
                 runs[name].append(point)
                 _print(round_index, name, "saturated", point)
             per_client = max(1, round(runs["off"][-1].rps * args.load_fraction / args.concurrency))
-            for name, rate in RATES.items():
+            for name, rate in order:
                 set_rate(admin, version, rate)
                 point = h2load_point(
                     h2load, server, SCORE, bodies, args.concurrency, args, out, per_client
@@ -111,6 +112,14 @@ def run(args: argparse.Namespace, out: Path) -> dict:
                 _print(round_index, name, f"at {per_client * args.concurrency} rps", point)
         final = admin.shadow_status()
     return summarise(runs, fixed, final, args)
+
+
+def _rotated(items: list, round_index: int) -> list:
+    """The rates in this round's order: rotated by one each round, so over every three
+    rounds each rate runs once first, second and last (whatever builds up or warms up
+    during a round — log segments, page cache, the machine — hits all rates alike)."""
+    shift = round_index % len(items)
+    return items[shift:] + items[:shift]
 
 
 def _print(round_index: int, name: str, load: str, point) -> None:  # noqa: ANN001
