@@ -2,10 +2,11 @@
 
 It is the baseline of ``perf/bench_serving.py``: the same worker count, spawn-started
 worker processes sharing one port with SO_REUSEPORT, the same thread-pool size, the
-same channel options, grpc experiments and per-core pinning as ``riskwire serve``, and
-the same polling-thread dispatch of small unary calls — but every handler returns
-pre-serialised bytes without parsing the request. What riskwire loses against it is the
-cost of our own Python work (decode, validate, features, predict, encode).
+same channel options, grpc experiments, per-core pinning and frozen startup heap as
+``riskwire serve``, and the same polling-thread dispatch of small unary calls — but every
+handler returns pre-serialised bytes without parsing the request. What riskwire loses
+against it is the cost of our own Python work (decode, validate, features, predict,
+encode).
 
 Paths answered (raw bytes in, canned bytes out, no (de)serialisation per call):
 
@@ -163,7 +164,7 @@ def run_worker(
         os.sched_setaffinity(0, {cpu})
     import grpc
 
-    from riskwire.server.worker import grpc_options, polling_thread_dispatch
+    from riskwire.server.worker import freeze_startup_heap, grpc_options, polling_thread_dispatch
 
     polling_thread_dispatch(_DEFAULTS)  # as riskwire's workers do
     server = grpc.server(
@@ -176,6 +177,7 @@ def run_worker(
         print(f"echo worker {worker_id}: cannot listen on {host}:{port}", file=sys.stderr)
         raise SystemExit(3)
     server.start()
+    freeze_startup_heap()  # as riskwire's workers do
     signal.signal(signal.SIGTERM, lambda signum, frame: server.stop(1.0))
     ready.set()
     server.wait_for_termination()

@@ -173,6 +173,8 @@ class Settings:
     shadow_flush_rows: int = 10_000  # a segment is written once this many records wait
     shadow_flush_seconds: float = 5.0  # records buffered for at most this long
     shadow_record_features: bool = True  # store the feature vector in each record
+    shadow_scorer: str = "process"  # "process": a scorer process per worker; "thread": in it
+    shadow_priority: str = "idle"  # the scorer process's CPU priority: "idle" or "normal"
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -207,6 +209,10 @@ class Settings:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shadow_timeout_s <= 0 or self.shadow_flush_seconds <= 0:
             raise SettingsError("shadow_timeout_s and shadow_flush_seconds must be > 0")
+        if self.shadow_scorer not in ("process", "thread"):
+            raise SettingsError(f"shadow_scorer {self.shadow_scorer!r} is not process or thread")
+        if self.shadow_priority not in ("idle", "normal"):
+            raise SettingsError(f"shadow_priority {self.shadow_priority!r} is not idle or normal")
         for name in (
             "grace_period_s",
             "restart_backoff_s",

@@ -353,3 +353,13 @@ class LogRecords:
     def shutdown(self) -> None:
         """Export what is buffered."""
         self.provider.shutdown()
+
+
+def make_tracing(options: dict[str, Any]) -> Tracing:
+    """A tracer from ``options``: an exporter kind, endpoint and path, and
+    :class:`Tracing` keyword arguments (picklable: a worker's scorer process gets them)."""
+    options = dict(options)
+    exporter = make_exporter(
+        options.pop("exporter"), endpoint=options.pop("endpoint"), path=options.pop("path")
+    )
+    return Tracing(exporter, **options)

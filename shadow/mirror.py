@@ -1,18 +1,28 @@
-"""Per-worker traffic mirroring: bounded queue → background shadow scorer → records.
+"""Per-worker traffic mirroring: bounded queue → shadow scorer → records.
 
     handler ── offer_one / offer_batch ──▶ deque (bounded; full → dropped, counted)
-                                              │  shadow scorer thread
+                                              │  mirror thread: batches of the queue
                                               ▼
-            ShadowTarget.score(features) → PairStats + paired records → SegmentWriter
+            PairRecorder: ShadowTarget.score(features) → PairStats + paired records
+                          → SegmentWriter, stats file for the supervisor
 
 The hot path only samples, filters and appends a tuple of values it already has
 (decoded inputs, the feature row the primary computed, its score): it never waits for
-the shadow, takes no lock and does no I/O. Everything else runs on the scorer thread,
-whose model kernels and remote calls release the GIL while they work.
+the shadow, takes no lock and does no I/O. The mirror thread takes batches off the queue
+and hands them to the recorder, which runs either
 
-Loss on a crash (SIGKILL) of a worker: the requests still queued (≤ ``queue_size``)
-plus the records buffered for the next segment (≤ ``flush_rows`` rows, ≤
-``flush_seconds`` old). A graceful stop scores what is queued and flushes.
+* in a **shadow scorer process** of the worker (``scorer="process"``, the server's
+  default, :mod:`riskwire.shadow.scorer_process`): the thread only packs each batch into
+  columns and writes it to a socket; scoring, statistics and Parquet writing run in a
+  process at idle CPU priority with its own interpreter lock, so the shadow uses only
+  CPU the primary leaves idle and never holds the primary's GIL; or
+* on the mirror thread itself (``scorer="thread"``), whose kernels and remote calls
+  release the GIL while they work.
+
+Loss on a crash (SIGKILL) of a worker: the requests still queued (≤ ``queue_size``);
+with the scorer process, it still scores and writes what it received, otherwise the
+records buffered for the next segment (≤ ``flush_rows`` rows, ≤ ``flush_seconds`` old)
+are lost too. A graceful stop scores what is queued and flushes.
 """
 
 from __future__ import annotations
@@ -83,6 +93,45 @@ class _Batch:
     clients: list | None = None  # per row: the caller's client id (None without auth)
 
 
+@dataclass
+class TargetSpec:
+    """How to build the shadow target where the recorder runs: an object of this process
+    (``local``), a package to load (``package_dir``, in the scorer process) or a remote
+    endpoint (``remote``: :class:`RemoteTarget` keyword arguments)."""
+
+    local: ShadowTarget | None = None
+    package_dir: str = ""
+    remote: dict | None = None
+
+    def portable(self) -> TargetSpec:
+        """The same target for another process: a local one by its package directory."""
+        if self.local is None:
+            return self
+        package_dir = getattr(self.local, "package_dir", "")
+        if not package_dir:
+            raise ValueError(f"shadow target {self.local.name} has no package to load")
+        return TargetSpec(package_dir=str(package_dir))
+
+    def build(self) -> ShadowTarget:
+        """The target, ready to score."""
+        if self.local is not None:
+            return self.local
+        if self.remote is not None:
+            return RemoteTarget(**self.remote)
+        from riskwire.pipeline.package import load_package
+
+        package = load_package(self.package_dir)
+        package.forest.warmup()
+        return LocalTarget(
+            package.name,
+            str(package.version),
+            package.forest,
+            float(package.thresholds["review"]),
+            float(package.thresholds["decline"]),
+            self.package_dir,
+        )
+
+
 def _unpin() -> None:
     """Let the calling thread run on any core the machine allows, not only the worker's
     pinned one: its GIL-free work (kernels, compression, fsync) can then use an idle core
@@ -97,8 +146,244 @@ def _yield_gil() -> None:
     time.sleep(0)
 
 
+def columnar(items: list) -> list[tuple[_Batch, list[str], np.ndarray]]:
+    """Taken queue items as (batch, primary version per row, primary latency per row):
+    the single requests merged into one batch, each batch call as it came."""
+    singles = [item for item in items if not isinstance(item, _Batch)]
+    out = []
+    for batch in items:
+        if isinstance(batch, _Batch):
+            rows = len(batch.request_ids)
+            out.append((batch, [batch.model_version] * rows, np.full(rows, batch.latency_us)))
+    if singles:
+        (
+            versions, request_ids, transaction_ids, times, keys,
+            probabilities, decisions, latencies, rows, traces, clients,
+        ) = zip(*singles, strict=True)  # fmt: skip
+        merged = _Batch(
+            "", list(request_ids), list(transaction_ids), np.array(times, np.int64),
+            np.array(keys, np.uint64), np.array(probabilities),
+            np.array(decisions, dtype=object), 0.0, np.stack(rows),
+            [t for t in traces if t is not None] or None, list(clients),
+        )  # fmt: skip
+        out.append((merged, list(versions), np.array(latencies)))
+    return out
+
+
+class PairRecorder:
+    """Scores mirrored batches with the shadow target and records the pairs: per-pair
+    statistics (published for the supervisor) and paired records (Parquet segments).
+
+    Runs on the worker's mirror thread or in its shadow scorer process; ``pid`` is the
+    worker's, in the stats and the segment names, wherever the recorder runs.
+    """
+
+    def __init__(self, worker: int, settings: MirrorSettings, pid: int | None = None) -> None:
+        self.worker = worker
+        self.settings = settings
+        self.pid = pid or os.getpid()
+        # Set when tracing is on: each scored batch becomes a span linked to the server
+        # spans of its calls (riskwire.server.tracing.Tracing.shadow_span).
+        self.tracing = None
+        self.target: ShadowTarget | None = None
+        self.target_error: str | None = None
+        self.config = ShadowConfig()
+        self.primary = ""
+        self.label = ("", "")  # (shadow model, version) of the current config
+        self._stats: dict[PairKey, PairStats] = {}
+        self._dropped: dict[PairKey, int] = {}
+        self._dropped_lock = threading.Lock()
+        self._stats_dirty = True
+        schema = RECORD_SCHEMA if settings.record_features else RECORD_SCHEMA_NO_FEATURES
+        self.writer = SegmentWriter(
+            settings.records_dir,
+            schema,
+            worker=worker,
+            flush_rows=settings.flush_rows,
+            flush_seconds=settings.flush_seconds,
+            pid=self.pid,
+        )
+
+    @property
+    def active(self) -> bool:
+        """Whether a target is configured and built."""
+        return self.target is not None
+
+    def configure(
+        self, config: ShadowConfig, primary: str, spec: TargetSpec | None, error: str | None
+    ) -> None:
+        """Switch to ``config``: build the target from ``spec`` (None: off, or ``error``)."""
+        previous, self.target = self.target, None
+        if previous is not None:
+            previous.close()
+        self.config, self.primary, self.target_error = config, primary, error
+        self.label = config.label(primary)
+        self._stats_dirty = True
+        if spec is None:
+            return
+        try:
+            self.target = spec.build()
+        except Exception as exc:  # noqa: BLE001 - reported in the stats; primary unaffected
+            self.target_error = f"{type(exc).__name__}: {exc}"
+            log.error("shadow target unavailable: %s", self.target_error)
+
+    def count_drop(self, model_version: str, count: int) -> None:
+        """Count mirrors dropped for a full queue (any thread)."""
+        key = (self.primary, model_version, *self.label)
+        with self._dropped_lock:
+            self._dropped[key] = self._dropped.get(key, 0) + count
+            self._stats_dirty = True
+
+    def set_dropped(self, dropped: Mapping[PairKey, int]) -> None:
+        """Take the drop counts kept elsewhere (the worker's, in the scorer process)."""
+        with self._dropped_lock:
+            if dropped != self._dropped:
+                self._dropped = dict(dropped)
+                self._stats_dirty = True
+
+    def score(self, batches: list[tuple[_Batch, list[str], np.ndarray]]) -> None:
+        """Score and record :func:`columnar` batches (the steps yield the GIL between them)."""
+        for batch, versions, latency in batches:
+            self._score_batch(batch, versions, latency)
+
+    def _score_batch(self, batch: _Batch, versions: list[str], latency: np.ndarray) -> None:
+        target = self.target
+        rows = len(batch.request_ids)
+        error: str | None = None
+        started, started_ns = time.perf_counter(), time.time_ns()
+        if target is None:
+            error = self.target_error or "shadow target not loaded"
+            shadow = np.full(rows, np.nan)
+        else:
+            try:
+                shadow = np.asarray(target.score(batch.features), dtype=np.float64)
+                if shadow.shape != (rows,):
+                    raise ValueError(f"shadow returned shape {shadow.shape} for {rows} rows")
+            except Exception as exc:  # noqa: BLE001 - any shadow failure is recorded
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                shadow = np.full(rows, np.nan)
+        _yield_gil()
+        shadow_latency_us = (time.perf_counter() - started) * 1e6 / rows
+        name, version = self.label
+        if self.tracing is not None and batch.traces:
+            attributes = {"riskwire.shadow.model": name, "riskwire.shadow.version": version,
+                          "riskwire.shadow.rows": rows}  # fmt: skip
+            self.tracing.shadow_span(batch.traces, started_ns, time.time_ns(), attributes, error)
+        ok = ~np.isnan(shadow)
+        shadow_codes = np.full(rows, -1, np.int64)
+        if target is not None and ok.any():
+            shadow_codes[ok] = decision_codes(
+                shadow[ok], target.review_threshold, target.decline_threshold
+            )
+        primary_codes = np.array([DECISION_CODES.get(d, -1) for d in batch.decisions], np.int64)
+        if versions.count(versions[0]) == rows:  # the usual case: one primary version
+            by_version = {versions[0]: np.arange(rows)}
+        else:
+            as_array = np.array(versions, dtype=object)
+            by_version = {v: np.flatnonzero(as_array == v) for v in set(versions)}
+        for primary_version, picked in by_version.items():
+            stats = self._stats.setdefault(
+                (self.primary, primary_version, name, version), PairStats()
+            )
+            stats.mirrored += len(picked)
+            good = picked[ok[picked]]
+            stats.failed += len(picked) - len(good)
+            stats.add_scored(
+                batch.probabilities[good], shadow[good], primary_codes[good], shadow_codes[good]
+            )
+        self._stats_dirty = True
+        _yield_gil()
+        shadow_decisions = np.where(ok, _DECISION_ARRAY[np.clip(shadow_codes, 0, 2)], None)
+        columns: list = [
+            batch.request_ids,
+            list(batch.transaction_ids),
+            batch.time_ms,
+            batch.card_keys,
+            [self.worker] * rows,
+            [self.primary] * rows,
+            versions,
+            [name] * rows,
+            [version] * rows,
+            batch.probabilities.astype(np.float64),
+            pa.array(shadow, from_pandas=True),  # NaN (failed) → null
+            list(batch.decisions),
+            list(shadow_decisions),
+            latency.astype(np.float64),
+            np.full(rows, shadow_latency_us),
+            [error] * rows,
+            batch.clients or [None] * rows,
+        ]
+        if self.settings.record_features:
+            columns.extend(np.ascontiguousarray(batch.features.T))
+        try:
+            self.writer.add_rows(columns)
+        except OSError as exc:
+            log.error("shadow records could not be written: %s", exc)
+
+    def ready(self) -> bool:
+        """Always ready: batches are scored on the calling thread."""
+        return True
+
+    def maybe_flush(self, now: float) -> None:
+        """Write a segment if the oldest buffered record is ``flush_seconds`` old."""
+        if self.writer.maybe_flush(now) is not None:
+            self._stats_dirty = True  # records_written changed
+
+    def publish(self, queued: int, active: bool | None = None) -> None:
+        """Write this worker's stats for the supervisor (atomic; only when changed)."""
+        if not self._stats_dirty:
+            return
+        self._stats_dirty = False
+        with self._dropped_lock:
+            dropped = dict(self._dropped)
+        pairs = {key: PairStats() for key in dropped}
+        pairs.update(self._stats)
+        payload = {
+            "worker": self.worker,
+            "pid": self.pid,
+            "generation": self.config.generation,
+            "active": self.active if active is None else active,
+            "target_error": self.target_error,
+            "queued": queued,
+            "records_written": self.writer.rows_written,
+            "pairs": [
+                {
+                    "primary_model": key[0],
+                    "primary_version": key[1],
+                    "shadow_model": key[2],
+                    "shadow_version": key[3],
+                    "stats": {**stats.to_dict(), "dropped": dropped.get(key, 0)},
+                }
+                for key, stats in pairs.items()
+            ],
+        }
+        path = self.settings.stats_path
+        try:
+            write_text_atomic(path, json.dumps(payload))
+        except OSError as exc:
+            log.error("shadow stats could not be written to %s: %s", path, exc)
+
+    def mark_dirty(self) -> None:
+        """Publish at the next :meth:`publish` even if nothing was scored."""
+        self._stats_dirty = True
+
+    def close(self, queued: int = 0) -> None:
+        """Flush the records, publish the stats, release the target."""
+        try:
+            self.writer.flush()
+        finally:
+            self._stats_dirty = True
+            self.publish(queued)
+            if self.target is not None:
+                self.target.close()
+
+
 class ShadowMirror:
-    """One worker's mirror of its primary's traffic to the configured shadow target."""
+    """One worker's mirror of its primary's traffic to the configured shadow target.
+
+    ``recorder`` is where taken batches go: a :class:`PairRecorder` on the mirror thread
+    (the default) or a :class:`riskwire.shadow.scorer_process.ScorerProcess`.
+    """
 
     def __init__(
         self,
@@ -107,6 +392,7 @@ class ShadowMirror:
         resolve_local: ResolveLocal,
         default_primary: str,
         initial: ShadowConfig | None = None,
+        recorder: PairRecorder | None = None,
     ) -> None:
         self.worker = worker
         self.settings = settings
@@ -115,35 +401,23 @@ class ShadowMirror:
         self._queue: deque = deque()
         self._queue_size = settings.queue_size
         self._random = random.random
-        # Set by the worker when tracing is on: each scored batch becomes a span linked
-        # to the server spans of its calls (riskwire.server.tracing.Tracing.shadow_span).
-        self.tracing = None
-        # Read lock-free on the hot path; replaced as a whole by the scorer thread.
+        self.recorder = recorder if recorder is not None else PairRecorder(worker, settings)
+        # Read lock-free on the hot path; replaced as a whole by the mirror thread.
         self.active = False
         self._primary = ""
         self._rate = 100.0
         self._filter: RequestFilter | None = None
         self._config = ShadowConfig()
-        self._target: ShadowTarget | None = None
-        self._target_error: str | None = None
         self._control_mtime: int | None = None
-        self._stats: dict[PairKey, PairStats] = {}
-        self._shadow_label = ("", "")  # (shadow model, version) of the current config
-        self._dropped: dict[PairKey, int] = {}
-        self._dropped_lock = threading.Lock()
-        self._stats_dirty = True
-        schema = RECORD_SCHEMA if settings.record_features else RECORD_SCHEMA_NO_FEATURES
-        self._writer = SegmentWriter(
-            settings.records_dir,
-            schema,
-            worker=worker,
-            flush_rows=settings.flush_rows,
-            flush_seconds=settings.flush_seconds,
-        )
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shadow-scorer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="shadow-mirror", daemon=True)
         if initial is not None:
             self._apply(initial)
+
+    @property
+    def target_error(self) -> str | None:
+        """Why the configured target could not be made (None when it could)."""
+        return self.recorder.target_error
 
     # ------------------------------------------------------------------ hot path
     def sampled(self) -> bool:
@@ -179,7 +453,7 @@ class ShadowMirror:
         if wanted is not None and not wanted(*filter_values):
             return
         if len(self._queue) >= self._queue_size:
-            self._count_drop(model_version, 1)
+            self.recorder.count_drop(model_version, 1)
             return
         self._queue.append(
             (
@@ -219,7 +493,7 @@ class ShadowMirror:
         if not keep.any():
             return
         if len(self._queue) >= self._queue_size:
-            self._count_drop(model_version, int(keep.sum()))
+            self.recorder.count_drop(model_version, int(keep.sum()))
             return
         index = np.flatnonzero(keep)
         ids = [f"{request_id}/{i}" for i in rows[index]]
@@ -233,15 +507,9 @@ class ShadowMirror:
             )
         )  # fmt: skip
 
-    def _count_drop(self, model_version: str, count: int) -> None:
-        key = (self._primary, model_version, *self._shadow_label)
-        with self._dropped_lock:
-            self._dropped[key] = self._dropped.get(key, 0) + count
-            self._stats_dirty = True
-
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Start the shadow scorer thread."""
+        """Start the mirror thread."""
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -249,22 +517,17 @@ class ShadowMirror:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        try:
-            self._writer.flush()
-        finally:
-            self._publish()
-            if self._target is not None:
-                self._target.close()
+        self.recorder.close(len(self._queue))
 
     def queued(self) -> int:
         """Requests waiting for the shadow scorer."""
         return len(self._queue)
 
-    # ------------------------------------------------------------------ scorer thread
+    # ------------------------------------------------------------------ mirror thread
     def _run(self) -> None:
-        """Score queued requests in batches: when ``batch_rows`` are waiting or the oldest
-        has waited ``max_delay_s``. Few large batches keep the thread's share of the GIL
-        (and so its effect on the primary's latency) small."""
+        """Hand queued requests to the recorder in batches: when ``batch_rows`` are
+        waiting or the oldest has waited ``max_delay_s``. Few large batches keep the
+        thread's share of the GIL (and so its effect on the primary's latency) small."""
         settings = self.settings
         _unpin()
         next_poll = last_batch = 0.0
@@ -274,20 +537,28 @@ class ShadowMirror:
             if now >= next_poll and not stopping:
                 next_poll = now + settings.poll_s
                 self.refresh()
-                self._publish()
+                self.recorder.publish(len(self._queue), self.active)
             waiting = len(self._queue)
             full = waiting >= settings.batch_rows
-            if waiting and (full or stopping or now - last_batch >= settings.max_delay_s):
-                self._score(self._take(settings.batch_rows))
+            due = waiting and (full or stopping or now - last_batch >= settings.max_delay_s)
+            if due and self.recorder.ready():
+                self.recorder.score(columnar(self._take(settings.batch_rows)))
                 last_batch = now
                 continue
-            if stopping:
+            if stopping and not waiting:
                 return
-            if self._writer.maybe_flush(now) is not None:
-                self._stats_dirty = True  # records_written changed
+            self.recorder.maybe_flush(now)
             if not waiting:
                 last_batch = now  # the next request starts a fresh wait
-            time.sleep(settings.idle_sleep_s)
+            time.sleep(settings.idle_sleep_s)  # idle, or the recorder is not ready
+
+    def _hand_over_all(self) -> None:
+        """Give everything queued to the recorder (waiting until it is ready)."""
+        while self._queue:
+            if self.recorder.ready():
+                self.recorder.score(columnar(self._take(self.settings.batch_rows)))
+            else:
+                time.sleep(self.settings.idle_sleep_s)
 
     def _take(self, limit: int) -> list:
         items, rows, queue = [], 0, self._queue
@@ -298,7 +569,7 @@ class ShadowMirror:
         return items
 
     def refresh(self) -> None:
-        """Apply the control file if it changed (the scorer thread calls this itself)."""
+        """Apply the control file if it changed (the mirror thread calls this itself)."""
         path = self.settings.control_path
         if path is None:
             return
@@ -315,184 +586,52 @@ class ShadowMirror:
             log.error("shadow control file %s unreadable: %s", path, exc)
             return
         if config is not None and config.generation != self._config.generation:
-            while self._queue:  # what was mirrored under the old target is scored by it
-                self._score(self._take(self.settings.batch_rows))
+            self._hand_over_all()  # what was mirrored under the old target is scored by it
             self._apply(config)
 
     def _apply(self, config: ShadowConfig) -> None:
-        """Switch to ``config`` (from the scorer thread, or before it starts)."""
+        """Switch to ``config`` (from the mirror thread, or before it starts)."""
         self.active = False
-        previous, self._target = self._target, None
-        if previous is not None:
-            previous.close()
-        self._config, self._target_error = config, None
+        self._config = config
         self._primary = config.primary or self._default_primary
-        self._shadow_label = config.label(self._primary)
         self._rate = config.rate_percent
         self._filter = parse_filter(config.filter)
-        self._stats_dirty = True
         if not config.enabled:
+            self.recorder.configure(config, self._primary, None, None)
             log.info("shadow off")
             return
         try:
-            self._target = self._make_target(config)
+            spec = self._target_spec(config)
         except Exception as exc:  # noqa: BLE001 - reported in the stats; primary unaffected
-            self._target_error = f"{type(exc).__name__}: {exc}"
-            log.error("shadow target unavailable: %s", self._target_error)
+            error = f"{type(exc).__name__}: {exc}"
+            self.recorder.configure(config, self._primary, None, error)
+            log.error("shadow target unavailable: %s", error)
+            return
+        self.recorder.configure(config, self._primary, spec, None)
+        if not self.recorder.active:
             return
         self.active = True
+        name, version = config.label(self._primary)
         log.info(
             "shadow on: %s traffic → %s v%s at %.1f%%%s",
-            self._primary, self._target.name, self._target.version, self._rate,
+            self._primary, name, version, self._rate,
             f" where {config.filter}" if config.filter else "",
         )  # fmt: skip
 
-    def _make_target(self, config: ShadowConfig) -> ShadowTarget:
+    def _target_spec(self, config: ShadowConfig) -> TargetSpec:
         name, version = config.label(self._primary)
         if not config.endpoint:
-            return self._resolve_local(name, version)
+            return TargetSpec(local=self._resolve_local(name, version))
         primary = self._resolve_local(self._primary, "")
         review, decline = config.review_threshold, config.decline_threshold
-        return RemoteTarget(
-            config.endpoint,
-            name=config.model or self._primary,
-            version=config.version,
-            input_name=config.endpoint_input,
-            timeout_s=config.timeout_s,
-            review_threshold=review if review >= 0 else primary.review_threshold,
-            decline_threshold=decline if decline >= 0 else primary.decline_threshold,
+        return TargetSpec(
+            remote={
+                "endpoint": config.endpoint,
+                "name": config.model or self._primary,
+                "version": config.version,
+                "input_name": config.endpoint_input,
+                "timeout_s": config.timeout_s,
+                "review_threshold": review if review >= 0 else primary.review_threshold,
+                "decline_threshold": decline if decline >= 0 else primary.decline_threshold,
+            }
         )
-
-    def _score(self, items: list) -> None:
-        """Score taken items and record them (the steps yield the GIL between them)."""
-        singles = [item for item in items if not isinstance(item, _Batch)]
-        batches = [item for item in items if isinstance(item, _Batch)]
-        if singles:
-            (
-                versions, request_ids, transaction_ids, times, keys,
-                probabilities, decisions, latencies, rows, traces, clients,
-            ) = zip(*singles, strict=True)  # fmt: skip
-            batches.append(
-                _Batch(
-                    "", list(request_ids), list(transaction_ids), np.array(times, np.int64),
-                    np.array(keys, np.uint64), np.array(probabilities),
-                    np.array(decisions, dtype=object), 0.0, np.stack(rows),
-                    [t for t in traces if t is not None] or None, list(clients),
-                )
-            )  # fmt: skip
-            single_versions, single_latencies = list(versions), np.array(latencies)
-        for batch in batches:
-            if batch.model_version:
-                versions_of = [batch.model_version] * len(batch.request_ids)
-                latency = np.full(len(batch.request_ids), batch.latency_us)
-            else:
-                versions_of, latency = single_versions, single_latencies
-            self._score_batch(batch, versions_of, latency)
-
-    def _score_batch(self, batch: _Batch, versions: list[str], latency: np.ndarray) -> None:
-        target = self._target
-        rows = len(batch.request_ids)
-        error: str | None = None
-        started, started_ns = time.perf_counter(), time.time_ns()
-        if target is None:
-            error = self._target_error or "shadow target not loaded"
-            shadow = np.full(rows, np.nan)
-        else:
-            try:
-                shadow = np.asarray(target.score(batch.features), dtype=np.float64)
-                if shadow.shape != (rows,):
-                    raise ValueError(f"shadow returned shape {shadow.shape} for {rows} rows")
-            except Exception as exc:  # noqa: BLE001 - any shadow failure is recorded
-                error = f"{type(exc).__name__}: {exc}"[:500]
-                shadow = np.full(rows, np.nan)
-        _yield_gil()
-        shadow_latency_us = (time.perf_counter() - started) * 1e6 / rows
-        name, version = self._shadow_label
-        if self.tracing is not None and batch.traces:
-            attributes = {"riskwire.shadow.model": name, "riskwire.shadow.version": version,
-                          "riskwire.shadow.rows": rows}  # fmt: skip
-            self.tracing.shadow_span(batch.traces, started_ns, time.time_ns(), attributes, error)
-        ok = ~np.isnan(shadow)
-        shadow_codes = np.full(rows, -1, np.int64)
-        if target is not None and ok.any():
-            shadow_codes[ok] = decision_codes(
-                shadow[ok], target.review_threshold, target.decline_threshold
-            )
-        primary_codes = np.array([DECISION_CODES.get(d, -1) for d in batch.decisions], np.int64)
-        if versions.count(versions[0]) == rows:  # the usual case: one primary version
-            by_version = {versions[0]: np.arange(rows)}
-        else:
-            as_array = np.array(versions, dtype=object)
-            by_version = {v: np.flatnonzero(as_array == v) for v in set(versions)}
-        for primary_version, picked in by_version.items():
-            stats = self._stats.setdefault(
-                (self._primary, primary_version, name, version), PairStats()
-            )
-            stats.mirrored += len(picked)
-            good = picked[ok[picked]]
-            stats.failed += len(picked) - len(good)
-            stats.add_scored(
-                batch.probabilities[good], shadow[good], primary_codes[good], shadow_codes[good]
-            )
-        self._stats_dirty = True
-        _yield_gil()
-        shadow_decisions = np.where(ok, _DECISION_ARRAY[np.clip(shadow_codes, 0, 2)], None)
-        columns: list = [
-            batch.request_ids,
-            list(batch.transaction_ids),
-            batch.time_ms,
-            batch.card_keys,
-            [self.worker] * rows,
-            [self._primary] * rows,
-            versions,
-            [name] * rows,
-            [version] * rows,
-            batch.probabilities.astype(np.float64),
-            pa.array(shadow, from_pandas=True),  # NaN (failed) → null
-            list(batch.decisions),
-            list(shadow_decisions),
-            latency.astype(np.float64),
-            np.full(rows, shadow_latency_us),
-            [error] * rows,
-            batch.clients or [None] * rows,
-        ]
-        if self.settings.record_features:
-            columns.extend(np.ascontiguousarray(batch.features.T))
-        try:
-            self._writer.add_rows(columns)
-        except OSError as exc:
-            log.error("shadow records could not be written: %s", exc)
-
-    def _publish(self) -> None:
-        """Write this worker's stats for the supervisor (atomic; only when changed)."""
-        if not self._stats_dirty:
-            return
-        self._stats_dirty = False
-        with self._dropped_lock:
-            dropped = dict(self._dropped)
-        pairs = {key: PairStats() for key in dropped}
-        pairs.update(self._stats)
-        payload = {
-            "worker": self.worker,
-            "pid": os.getpid(),
-            "generation": self._config.generation,
-            "active": self.active,
-            "target_error": self._target_error,
-            "queued": len(self._queue),
-            "records_written": self._writer.rows_written,
-            "pairs": [
-                {
-                    "primary_model": key[0],
-                    "primary_version": key[1],
-                    "shadow_model": key[2],
-                    "shadow_version": key[3],
-                    "stats": {**stats.to_dict(), "dropped": dropped.get(key, 0)},
-                }
-                for key, stats in pairs.items()
-            ],
-        }
-        path = self.settings.stats_path
-        try:
-            write_text_atomic(path, json.dumps(payload))
-        except OSError as exc:
-            log.error("shadow stats could not be written to %s: %s", path, exc)

@@ -132,10 +132,12 @@ class SegmentWriter:
         worker: int,
         flush_rows: int = 10_000,
         flush_seconds: float = 5.0,
+        pid: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.schema = schema
         self.worker = worker
+        self.pid = pid or os.getpid()  # in segment names: the worker whose records these are
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self._chunks: list[list[Sequence]] = [[] for _ in schema]
@@ -203,7 +205,7 @@ class SegmentWriter:
     def _write(self, table: pa.Table) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime(STAMP_FORMAT)
-        name = f"part-{stamp}-w{self.worker}-{os.getpid()}-{next(self._sequence):06d}.parquet"
+        name = f"part-{stamp}-w{self.worker}-{self.pid}-{next(self._sequence):06d}.parquet"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
         try:

@@ -49,6 +49,7 @@ class LocalTarget:
     forest: Any  # riskwire.kernels.forest.Forest
     review_threshold: float
     decline_threshold: float
+    package_dir: str = ""  # where it was loaded from (the scorer process loads it too)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """The forest's probabilities, on the calling thread (the kernel drops the GIL)."""

@@ -162,7 +162,7 @@ def test_a_target_that_cannot_load_leaves_the_mirror_inactive(tmp_path) -> None:
         ShadowConfig(enabled=True, version="7"),
     )
     assert not mirror.active
-    assert "no such package" in mirror._target_error
+    assert "no such package" in mirror.target_error
 
 
 def test_control_file_generations_grow(tmp_path) -> None:

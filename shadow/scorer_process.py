@@ -1,0 +1,320 @@
+"""The shadow scorer process: a worker's shadow scoring, off the worker's CPU and GIL.
+
+    worker: ShadowMirror thread ── ("score", columnar batches) ──▶ socket pair
+                                ── ("configure", …), ("status", …) ─▶      │
+    scorer process (idle priority): PairRecorder ◀─────────────────────────┘
+        target.score → PairStats → stats file;  paired records → Parquet segments
+
+The worker keeps only the hot path (sample, filter, append to its bounded queue) and a
+thread that packs queued requests into columns and writes them to the socket. This
+process, started by the worker with :class:`ScorerProcess`, builds the shadow target
+(loads the package, or connects to the remote endpoint), scores, keeps the pair
+statistics and writes the records under the worker's number and pid, exactly as the
+in-process recorder would. At ``SCHED_IDLE`` priority (the default) it runs only on CPU
+time nothing else wants, so mirroring does not lengthen the primary's queue; when the
+machine is saturated it falls behind, the socket and then the worker's queue fill, and
+further mirrors are dropped and counted, never blocking a request.
+
+It ignores SIGTERM and SIGINT and ends when the worker closes the socket or dies (end
+of file): it then scores what it has received, flushes its records and publishes its
+stats, so a SIGKILL of the worker loses only the worker's queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .config import ShadowConfig
+from .mirror import MirrorSettings, PairKey, PairRecorder, TargetSpec
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 30.0  # the process scores what it received before it exits
+RESTART_INTERVAL_S = 1.0  # at most one restart of a dead process per interval
+IN_FLIGHT_BATCHES = 2  # batches sent to the process before it reports them scored
+
+
+class ScorerProcess:
+    """The worker's side of its shadow scorer process; a drop-in for the mirror's
+    :class:`PairRecorder` (same methods), forwarding everything over a socket pair.
+
+    ``tracing`` holds :func:`riskwire.server.tracing.make_tracing` arguments when
+    tracing is on.
+    """
+
+    def __init__(
+        self,
+        worker: int,
+        settings: MirrorSettings,
+        *,
+        idle_priority: bool = True,
+        tracing: dict[str, Any] | None = None,
+    ) -> None:
+        self.worker = worker
+        self.settings = settings
+        self.tracing = None  # spans are made in the process (``tracing`` arguments)
+        self.target_error: str | None = None  # errors known here; the process adds its own
+        self.primary = ""
+        self.label = ("", "")
+        self._active = False
+        self._start = {
+            "worker": worker,
+            "settings": settings,
+            "pid": os.getpid(),
+            "idle_priority": idle_priority,
+            "tracing": tracing,
+        }
+        self._dropped: dict[PairKey, int] = {}
+        self._dropped_lock = threading.Lock()
+        self._configure_message: tuple | None = None
+        self._status_sent: tuple | None = None
+        self._conn: Connection | None = None
+        self._process: subprocess.Popen | None = None
+        self._started_at = 0.0
+        self._spawned = False
+        # Rows sent and not yet scored: at most ``IN_FLIGHT_BATCHES`` batches, so the
+        # worker's bounded queue (not the socket's buffer) absorbs a slow shadow.
+        self._in_flight: deque[Counter[str]] = deque()  # rows per primary version, per batch
+        self._in_flight_limit = IN_FLIGHT_BATCHES * settings.batch_rows
+        # Until the shadow is first turned on no process runs: this worker's stats (its
+        # configuration generation, inactive) are published from here.
+        self._idle = PairRecorder(worker, settings)
+
+    @property
+    def active(self) -> bool:
+        """Whether a target was configured (the process reports whether it loaded)."""
+        return self._active
+
+    @property
+    def process_pid(self) -> int | None:
+        """The scorer process's pid."""
+        return self._process.pid if self._process is not None else None
+
+    def _spawn(self) -> None:
+        self._spawned = True
+        parent, child = socket.socketpair()
+        with child:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        self._started_at = time.monotonic()
+        self._conn = Connection(parent.detach())
+        self._conn.send(("start", self._start))
+        if self._configure_message is not None:
+            self._conn.send(self._configure_message)
+        self._status_sent = None
+
+    def _send(self, message: tuple) -> bool:
+        """Send, restarting a dead process (rate-limited); False when not sent."""
+        for _ in range(2):
+            conn = self._conn
+            try:
+                if conn is None:
+                    raise BrokenPipeError("no scorer process")
+                conn.send(message)
+                return True
+            except OSError as exc:
+                log.error("shadow scorer process of worker %d is gone: %s", self.worker, exc)
+                if not self._restart():
+                    return False
+        return False
+
+    def _restart(self) -> bool:
+        if time.monotonic() - self._started_at < RESTART_INTERVAL_S:
+            return False
+        self._reap()
+        try:
+            self._spawn()
+        except OSError as exc:
+            log.error("shadow scorer process could not be started: %s", exc)
+            self._conn = None
+            return False
+        return True
+
+    def _reap(self) -> None:
+        for counts in self._in_flight:  # sent to a process that died: lost, and counted
+            for version, rows in counts.items():
+                self.count_drop(version, rows)
+        self._in_flight.clear()
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+            self._conn = None
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    # ------------------------------------------------------------------ recorder API
+    def configure(
+        self, config: ShadowConfig, primary: str, spec: TargetSpec | None, error: str | None
+    ) -> None:
+        """Send the new configuration; the process builds the target from ``spec``."""
+        self.primary, self.label = primary, config.label(primary)
+        portable = None
+        if spec is not None:
+            try:
+                portable = spec.portable()
+            except ValueError as exc:
+                error = str(exc)
+        self.target_error, self._active = error, portable is not None
+        if not self._spawned and portable is None:
+            self._idle.configure(config, primary, None, error)
+            return
+        self._configure_message = ("configure", config, primary, portable, error)
+        if not self._spawned:
+            try:
+                self._spawn()  # sends the configuration
+            except OSError as exc:
+                log.error("shadow scorer process could not be started: %s", exc)
+                self._conn = None
+            return
+        self._send(self._configure_message)
+
+    def count_drop(self, model_version: str, count: int) -> None:
+        """Count mirrors dropped for a full queue (any thread; sent with the status)."""
+        key = (self.primary, model_version, *self.label)
+        with self._dropped_lock:
+            self._dropped[key] = self._dropped.get(key, 0) + count
+
+    def ready(self) -> bool:
+        """Whether the process has room for another batch (reads its reports)."""
+        conn = self._conn
+        try:
+            while conn is not None and self._in_flight and conn.poll(0):
+                conn.recv()  # one report per batch, in order
+                self._in_flight.popleft()
+        except (EOFError, OSError):
+            self._reap()  # gone: the next send restarts it
+        return self._in_flight_rows() < self._in_flight_limit
+
+    def _in_flight_rows(self) -> int:
+        return sum(counts.total() for counts in self._in_flight)
+
+    def score(self, batches: list) -> None:
+        """Send :func:`~riskwire.shadow.mirror.columnar` batches; the mirror thread
+        sends only when :meth:`ready` (a slow process fills the worker's queue, which
+        then drops)."""
+        counts = Counter(itertools.chain.from_iterable(v for _, v, _ in batches))
+        if self._send(("score", batches)):
+            self._in_flight.append(counts)
+        else:
+            for version, rows in counts.items():
+                self.count_drop(version, rows)
+
+    def maybe_flush(self, now: float) -> None:
+        """Nothing: the process flushes its own records."""
+
+    def publish(self, queued: int, active: bool | None = None) -> None:
+        """Send the worker's queue length and drop counts when they changed."""
+        if not self._spawned:
+            self._idle.publish(queued, active)
+            return
+        self.ready()  # take the process's reports of scored rows
+        with self._dropped_lock:
+            status = (queued + self._in_flight_rows(), dict(self._dropped))
+        if status != self._status_sent and self._send(("status", *status)):
+            self._status_sent = status
+
+    def close(self, queued: int = 0) -> None:
+        """Let the process score what it received, flush and exit (within a timeout)."""
+        if not self._spawned:
+            self._idle.close(queued)
+            return
+        self.publish(queued)
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            try:
+                self._process.wait(CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("shadow scorer process did not finish in %.0f s", CLOSE_TIMEOUT_S)
+                self._process.kill()
+                self._process.wait()
+
+
+def _lower_priority(idle: bool) -> None:
+    """Run on any core, at idle priority when asked (Linux; elsewhere as is)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    if idle:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (OSError, AttributeError):
+            with contextlib.suppress(OSError):
+                os.nice(19)
+
+
+def serve(conn: Connection, recorder: PairRecorder) -> None:
+    """Handle the worker's messages until it closes the socket, then flush and publish."""
+    poll_s = recorder.settings.poll_s
+    queued, next_publish = 0, 0.0
+    try:
+        while True:
+            try:
+                message = conn.recv() if conn.poll(poll_s) else None
+            except (EOFError, OSError):
+                return
+            if message is not None:
+                kind = message[0]
+                if kind == "score":
+                    recorder.score(message[1])
+                    with contextlib.suppress(OSError):  # the worker is gone: finish anyway
+                        conn.send(("scored",))
+                elif kind == "configure":
+                    recorder.configure(*message[1:])
+                elif kind == "status":
+                    queued = message[1]
+                    recorder.set_dropped(message[2])
+                    recorder.mark_dirty()
+            now = time.monotonic()
+            recorder.maybe_flush(now)
+            if now >= next_publish:
+                next_publish = now + poll_s
+                recorder.publish(queued)
+    finally:
+        recorder.close(0)
+        if recorder.tracing is not None:
+            recorder.tracing.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m riskwire.shadow.scorer_process FD``: serve the socket on ``FD``."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the worker's end of file stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fd = int((argv if argv is not None else sys.argv[1:])[0])
+    conn = Connection(fd)
+    kind, start = conn.recv()
+    if kind != "start":
+        raise SystemExit(f"scorer process: expected 'start', got {kind!r}")
+    _lower_priority(start["idle_priority"])
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s shadow-scorer w{start['worker']} %(levelname)s %(message)s",
+    )
+    recorder = PairRecorder(start["worker"], start["settings"], pid=start["pid"])
+    if start["tracing"] is not None:
+        from riskwire.server.tracing import make_tracing
+
+        recorder.tracing = make_tracing(start["tracing"])
+    serve(conn, recorder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
