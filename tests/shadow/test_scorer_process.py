@@ -66,17 +66,18 @@ def offer_traffic(mirror: ShadowMirror, features: np.ndarray) -> None:
     )  # fmt: skip
 
 
+def make_mirror(settings: MirrorSettings, target: LocalTarget, recorder) -> ShadowMirror:  # noqa: ANN001
+    """A mirror of worker 0 shadowing to ``target`` through ``recorder``."""
+    config = ShadowConfig(enabled=True, version=target.version)
+    return ShadowMirror(
+        0, settings, lambda name, version: target, "fraud", config, recorder=recorder
+    )
+
+
 def run_mirror(root: Path, target: LocalTarget, recorder) -> tuple:  # noqa: ANN001
     settings = mirror_settings(root)
     recorder = recorder(settings)
-    mirror = ShadowMirror(
-        0,
-        settings,
-        lambda name, version: target,
-        "fraud",
-        ShadowConfig(enabled=True, version=target.version),
-        recorder=recorder,
-    )
+    mirror = make_mirror(settings, target, recorder)
     features = np.random.default_rng(3).normal(size=(ROWS, NUM_FEATURES)) * 50
     offer_traffic(mirror, features)
     mirror.start()
@@ -114,14 +115,7 @@ def test_a_killed_process_is_restarted_and_its_loss_counted(
     monkeypatch.setattr(scorer_process, "RESTART_INTERVAL_S", 0.0)
     settings = mirror_settings(tmp_path)
     recorder = ScorerProcess(0, settings, idle_priority=False)
-    mirror = ShadowMirror(
-        0,
-        settings,
-        lambda name, version: package_target,
-        "fraud",
-        ShadowConfig(enabled=True, version=package_target.version),
-        recorder=recorder,
-    )
+    mirror = make_mirror(settings, package_target, recorder)
     first = recorder.process_pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
