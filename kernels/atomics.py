@@ -1,4 +1,4 @@
-"""Atomic operations and a spinlock for Numba kernels over shared memory.
+"""Atomic operations, a spinlock and ring commits for Numba kernels over shared memory.
 
 The card state table lives in shared memory and is updated by several worker
 processes. Its writers take a spinlock held in the table's own header, *inside* the
@@ -58,6 +58,22 @@ def store_release(typingctx, array, index, value):  # noqa: ANN001, ANN201, ARG0
 
 
 @intrinsic
+def load_acquire(typingctx, array, index):  # noqa: ANN001, ANN201, ARG001
+    """Atomically load ``array[index]`` with acquire ordering (reads after it see what
+    the writer stored before its release)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+    signature = types.int64(array, index)
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        array_value, index_value = args
+        pointer = _element_pointer(context, builder, sig.args[0], array_value, index_value)
+        return builder.load_atomic(pointer, "acquire", 8)
+
+    return signature, codegen
+
+
+@intrinsic
 def yield_cpu(typingctx):  # noqa: ANN001, ANN201, ARG001
     """``sched_yield()``: let the lock holder run when it shares our core."""
     signature = types.int32()
@@ -91,3 +107,31 @@ def spin_unlock(array, index):  # noqa: ANN001, ANN201
 def break_lock(array, index, dead_owner):  # noqa: ANN001, ANN201
     """Free the lock if ``dead_owner`` holds it; True when it did."""
     return compare_and_swap(array, index, dead_owner, 0) == dead_owner
+
+
+@njit(cache=True, nogil=True)
+def publish_sequence(stamps, first_slot, first_value, count):  # noqa: ANN001, ANN201
+    """Commit ``count`` ring slots from ``first_slot`` (wrapping): slot ``k`` gets stamp
+    ``first_value + k`` with release ordering, after every store the caller made before."""
+    capacity = stamps.shape[0]
+    for k in range(count):
+        store_release(stamps, (first_slot + k) % capacity, first_value + k)
+
+
+@njit(cache=True, nogil=True)
+def count_published(stamps, first_slot, first_value, limit):  # noqa: ANN001, ANN201
+    """How many slots from ``first_slot`` (wrapping) carry their expected stamps
+    ``first_value, first_value + 1, …`` (≤ ``limit``): the committed run a reader may take.
+    Loads with acquire ordering, so the slots' data read after this call is complete."""
+    capacity = stamps.shape[0]
+    for k in range(limit):
+        if load_acquire(stamps, (first_slot + k) % capacity) != first_value + k:
+            return k
+    return limit
+
+
+@njit(cache=True, nogil=True)
+def store_ordered(array, index, value):  # noqa: ANN001, ANN201
+    """``array[index] = value`` with release ordering (after the caller's earlier reads
+    and writes)."""
+    store_release(array, index, value)

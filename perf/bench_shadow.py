@@ -40,6 +40,7 @@ from perf.loadgen import SCORE  # noqa: E402
 
 RATES = {"off": None, "10%": 10.0, "100%": 100.0}
 TARGETS = {"throughput_cost_full_max": 0.15, "p99_cost_full_max": 0.10}
+STATS_SETTLE_S = 0.6  # two publication intervals: worker → scorer process → stats file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,14 +95,22 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     )
     runs: dict[str, list] = {name: [] for name in RATES}
     fixed: dict[str, list] = {name: [] for name in RATES}
+    # Mirrors dropped during each rate's runs (saturated, fixed rate), summed over rounds.
+    dropped = {name: [0, 0] for name in RATES}
     with server.serving(args.workers), AdminClient(f"127.0.0.1:{admin_port}") as admin:
+        set_rate(admin, version, None)  # an untimed run first: the first run is cold
+        h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
+        seen = dropped_so_far(admin)
         for round_index in range(args.rounds):
             order = _rotated(list(RATES.items()), round_index)
             for name, rate in order:
                 set_rate(admin, version, rate)
                 point = h2load_point(h2load, server, SCORE, bodies, args.concurrency, args, out)
                 runs[name].append(point)
-                _print(round_index, name, "saturated", point)
+                now = dropped_so_far(admin)
+                dropped[name][0] += now - seen
+                _print(round_index, name, "saturated", point, now - seen)
+                seen = now
             per_client = max(1, round(runs["off"][-1].rps * args.load_fraction / args.concurrency))
             for name, rate in order:
                 set_rate(admin, version, rate)
@@ -109,9 +118,20 @@ def run(args: argparse.Namespace, out: Path) -> dict:
                     h2load, server, SCORE, bodies, args.concurrency, args, out, per_client
                 )
                 fixed[name].append(point)
-                _print(round_index, name, f"at {per_client * args.concurrency} rps", point)
+                now = dropped_so_far(admin)
+                dropped[name][1] += now - seen
+                rate_label = f"at {per_client * args.concurrency} rps"
+                _print(round_index, name, rate_label, point, now - seen)
+                seen = now
         final = admin.shadow_status()
-    return summarise(runs, fixed, final, args)
+    return summarise(runs, fixed, final, args, dropped)
+
+
+def dropped_so_far(admin) -> int:  # noqa: ANN001
+    """Mirrors dropped since the server started, once the workers' counts have reached
+    the stats (they are published every 0.25 s, through the scorer process)."""
+    time.sleep(STATS_SETTLE_S)
+    return sum(pair.get("dropped", 0) for pair in admin.shadow_status().get("pairs") or [])
 
 
 def _rotated(items: list, round_index: int) -> list:
@@ -122,10 +142,10 @@ def _rotated(items: list, round_index: int) -> list:
     return items[shift:] + items[:shift]
 
 
-def _print(round_index: int, name: str, load: str, point) -> None:  # noqa: ANN001
+def _print(round_index: int, name: str, load: str, point, dropped: int) -> None:  # noqa: ANN001
     print(
         f"round {round_index + 1} shadow {name:>4} {load:>14}: {point.rps:,.0f} rps, "
-        f"p99 {point.p99_ms or 0:.2f} ms, errors {point.errors}",
+        f"p99 {point.p99_ms or 0:.2f} ms, errors {point.errors}, mirrors dropped {dropped:,}",
         flush=True,
     )
 
@@ -146,7 +166,11 @@ def _median(points: list, field: str) -> float | None:
 
 
 def summarise(
-    runs: dict[str, list], fixed: dict[str, list], final: dict, args: argparse.Namespace
+    runs: dict[str, list],
+    fixed: dict[str, list],
+    final: dict,
+    args: argparse.Namespace,
+    dropped: dict[str, list[int]] | None = None,
 ) -> dict:
     """Medians per rate, costs, mirror counters and the targets."""
     table = {
@@ -157,6 +181,8 @@ def summarise(
             "fixed_rate_p50_ms": _median(fixed[name], "p50_ms"),
             "fixed_rate_p99_ms": _median(fixed[name], "p99_ms"),
             "errors": sum(p.errors for p in runs[name] + fixed[name]),
+            "dropped_saturated": (dropped or {}).get(name, [None, None])[0],
+            "dropped_fixed_rate": (dropped or {}).get(name, [None, None])[1],
         }
         for name in RATES
     }
@@ -217,6 +243,12 @@ def print_report(summary: dict) -> None:
         f"mirrored {summary['mirrored']:,}, dropped {summary['dropped']:,}, "
         f"shadow failures {summary['shadow_failed']:,}, request errors {summary['errors']}"
     )
+    full = summary["by_rate"]["100%"]
+    if full.get("dropped_fixed_rate") is not None:
+        print(
+            f"dropped at 100%: {full['dropped_saturated']:,} in the saturated runs, "
+            f"{full['dropped_fixed_rate']:,} at the fixed rate"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,7 +310,7 @@ class DataPlane:
                 probability,
                 decision,
                 (time.perf_counter() - started) * 1e6,
-                row.copy(),
+                row,  # copied into the mirror's ring
                 (channel, country, card_country, currency, mcc, amount),
                 _mirrored_call_ids() if stages else None,
                 CALL.client,

@@ -1,28 +1,31 @@
-"""Per-worker traffic mirroring: bounded queue → shadow scorer → records.
+"""Per-worker traffic mirroring: bounded ring → shadow scorer → records.
 
-    handler ── offer_one / offer_batch ──▶ deque (bounded; full → dropped, counted)
-                                              │  mirror thread: batches of the queue
-                                              ▼
+    handler ── offer_one / offer_batch ──▶ MirrorRing (shared memory; full → dropped,
+                                              │           counted)
+                                              ▼  the consumer takes batches of it
             PairRecorder: ShadowTarget.score(features) → PairStats + paired records
                           → SegmentWriter, stats file for the supervisor
 
-The hot path only samples, filters and appends a tuple of values it already has
-(decoded inputs, the feature row the primary computed, its score): it never waits for
-the shadow, takes no lock and does no I/O. The mirror thread takes batches off the queue
-and hands them to the recorder, which runs either
+The hot path only samples, filters and writes values it already has (decoded inputs,
+the feature row the primary computed, its score) into a slot of the worker's
+:class:`~riskwire.shadow.ring.MirrorRing`: it never waits for the shadow and does no
+I/O. The ring is consumed by a :class:`PairRecorder`, which runs either
 
 * in a **shadow scorer process** of the worker (``scorer="process"``, the server's
-  default, :mod:`riskwire.shadow.scorer_process`): the thread only packs each batch into
-  columns and writes it to a socket; scoring, statistics and Parquet writing run in a
-  process at idle CPU priority with its own interpreter lock, so the shadow uses only
-  CPU the primary leaves idle and never holds the primary's GIL; or
-* on the mirror thread itself (``scorer="thread"``), whose kernels and remote calls
+  default, :mod:`riskwire.shadow.scorer_process`): it maps the ring itself, so nothing
+  in the worker touches a mirrored row after the hot path wrote it; scoring, statistics
+  and Parquet writing run at idle CPU priority with their own interpreter lock; or
+* on the worker's mirror thread (``scorer="thread"``), whose kernels and remote calls
   release the GIL while they work.
 
-Loss on a crash (SIGKILL) of a worker: the requests still queued (≤ ``queue_size``);
-with the scorer process, it still scores and writes what it received, otherwise the
-records buffered for the next segment (≤ ``flush_rows`` rows, ≤ ``flush_seconds`` old)
-are lost too. A graceful stop scores what is queued and flushes.
+Either way the mirror thread applies configuration changes (the control file) and
+publishes the worker's stats.
+
+Loss on a crash (SIGKILL) of a worker: with the scorer process, none of the committed
+rows (the process scores the ring and flushes before it exits); with the thread, the
+rows in the ring (≤ ``queue_size``) and the records buffered for the next segment
+(≤ ``flush_rows`` rows, ≤ ``flush_seconds`` old). A graceful stop scores what is queued
+and flushes.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import os
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +45,12 @@ import numpy as np
 import pyarrow as pa
 
 from riskwire.files import write_text_atomic
+from riskwire.kernels.schema import NUM_FEATURES
 
-from .compare import DECISION_CODES, DECISIONS, PairStats
+from .compare import DECISIONS, PairStats
 from .config import RequestFilter, ShadowConfig, parse_filter, read_control
 from .records import RECORD_SCHEMA, RECORD_SCHEMA_NO_FEATURES, SegmentWriter
+from .ring import MirrorRing, TakenRows
 from .targets import LocalTarget, RemoteTarget, ShadowTarget, decision_codes
 
 log = logging.getLogger(__name__)
@@ -74,23 +78,6 @@ class MirrorSettings:
     poll_s: float = 0.25  # control-file poll and stats publication interval
     max_delay_s: float = 0.05  # longest a mirrored request waits for a fuller batch
     idle_sleep_s: float = 0.01
-
-
-@dataclass(slots=True)
-class _Batch:
-    """A mirrored ScoreBatch / multi-row ModelInfer call (arrays of its scored rows)."""
-
-    model_version: str
-    request_ids: list[str]
-    transaction_ids: Sequence[str]
-    time_ms: np.ndarray
-    card_keys: np.ndarray
-    probabilities: np.ndarray
-    decisions: np.ndarray
-    latency_us: float
-    features: np.ndarray
-    traces: list | None = None  # (trace id, span id, parent) of the calls, when tracing
-    clients: list | None = None  # per row: the caller's client id (None without auth)
 
 
 @dataclass
@@ -146,30 +133,6 @@ def _yield_gil() -> None:
     time.sleep(0)
 
 
-def columnar(items: list) -> list[tuple[_Batch, list[str], np.ndarray]]:
-    """Taken queue items as (batch, primary version per row, primary latency per row):
-    the single requests merged into one batch, each batch call as it came."""
-    singles = [item for item in items if not isinstance(item, _Batch)]
-    out = []
-    for batch in items:
-        if isinstance(batch, _Batch):
-            rows = len(batch.request_ids)
-            out.append((batch, [batch.model_version] * rows, np.full(rows, batch.latency_us)))
-    if singles:
-        (
-            versions, request_ids, transaction_ids, times, keys,
-            probabilities, decisions, latencies, rows, traces, clients,
-        ) = zip(*singles, strict=True)  # fmt: skip
-        merged = _Batch(
-            "", list(request_ids), list(transaction_ids), np.array(times, np.int64),
-            np.array(keys, np.uint64), np.array(probabilities),
-            np.array(decisions, dtype=object), 0.0, np.stack(rows),
-            [t for t in traces if t is not None] or None, list(clients),
-        )  # fmt: skip
-        out.append((merged, list(versions), np.array(latencies)))
-    return out
-
-
 class PairRecorder:
     """Scores mirrored batches with the shadow target and records the pairs: per-pair
     statistics (published for the supervisor) and paired records (Parquet segments).
@@ -194,6 +157,8 @@ class PairRecorder:
         self._dropped: dict[PairKey, int] = {}
         self._dropped_lock = threading.Lock()
         self._stats_dirty = True
+        self.ring: MirrorRing | None = None
+        self._waiting_since: float | None = None  # when the oldest committed row was seen
         schema = RECORD_SCHEMA if settings.record_features else RECORD_SCHEMA_NO_FEATURES
         self.writer = SegmentWriter(
             settings.records_dir,
@@ -241,14 +206,47 @@ class PairRecorder:
                 self._dropped = dict(dropped)
                 self._stats_dirty = True
 
-    def score(self, batches: list[tuple[_Batch, list[str], np.ndarray]]) -> None:
-        """Score and record :func:`columnar` batches (the steps yield the GIL between them)."""
-        for batch, versions, latency in batches:
-            self._score_batch(batch, versions, latency)
+    def attach(self, ring: MirrorRing) -> None:
+        """Consume ``ring`` (the worker's, or its mapping in the scorer process)."""
+        self.ring = ring
 
-    def _score_batch(self, batch: _Batch, versions: list[str], latency: np.ndarray) -> None:
+    def pump(self, now: float) -> bool:
+        """Score one batch off the ring when one is due: ``batch_rows`` committed, or the
+        oldest waiting for ``max_delay_s``. True when it scored."""
+        ring, settings = self.ring, self.settings
+        if ring is None:
+            return False
+        ready = ring.committed(settings.batch_rows)
+        if not ready:
+            self._waiting_since = None
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = now
+        waited = now - self._waiting_since
+        if ready < settings.batch_rows and waited < settings.max_delay_s:
+            return False
+        self._score_next(settings.batch_rows)
+        self._waiting_since = now
+        return True
+
+    def drain(self, upto: int | None = None) -> None:
+        """Score every committed row of the ring (before sequence ``upto`` when given)."""
+        while self.ring is not None and self._score_next(self.settings.batch_rows, upto):
+            pass
+
+    def _score_next(self, limit: int, upto: int | None = None) -> bool:
+        taken = self.ring.take(limit, upto)
+        if taken is None:
+            return False
+        self.score(taken, release=self.ring.release)
+        return True
+
+    def score(self, taken: TakenRows, release: Callable[[TakenRows], None] | None = None) -> None:
+        """Score and record rows taken off the ring (the steps yield the GIL between them);
+        ``release`` frees their slots once scored, before they are recorded: a crash
+        while scoring leaves them to the next consumer, and none is recorded twice."""
         target = self.target
-        rows = len(batch.request_ids)
+        rows = taken.count
         error: str | None = None
         started, started_ns = time.perf_counter(), time.time_ns()
         if target is None:
@@ -256,7 +254,7 @@ class PairRecorder:
             shadow = np.full(rows, np.nan)
         else:
             try:
-                shadow = np.asarray(target.score(batch.features), dtype=np.float64)
+                shadow = np.asarray(target.score(taken.features), dtype=np.float64)
                 if shadow.shape != (rows,):
                     raise ValueError(f"shadow returned shape {shadow.shape} for {rows} rows")
             except Exception as exc:  # noqa: BLE001 - any shadow failure is recorded
@@ -265,17 +263,18 @@ class PairRecorder:
         _yield_gil()
         shadow_latency_us = (time.perf_counter() - started) * 1e6 / rows
         name, version = self.label
-        if self.tracing is not None and batch.traces:
+        if self.tracing is not None and taken.traces:
             attributes = {"riskwire.shadow.model": name, "riskwire.shadow.version": version,
                           "riskwire.shadow.rows": rows}  # fmt: skip
-            self.tracing.shadow_span(batch.traces, started_ns, time.time_ns(), attributes, error)
+            self.tracing.shadow_span(taken.traces, started_ns, time.time_ns(), attributes, error)
         ok = ~np.isnan(shadow)
         shadow_codes = np.full(rows, -1, np.int64)
         if target is not None and ok.any():
             shadow_codes[ok] = decision_codes(
                 shadow[ok], target.review_threshold, target.decline_threshold
             )
-        primary_codes = np.array([DECISION_CODES.get(d, -1) for d in batch.decisions], np.int64)
+        primary_codes = taken.decision_codes.astype(np.int64)
+        versions = taken.versions
         if versions.count(versions[0]) == rows:  # the usual case: one primary version
             by_version = {versions[0]: np.arange(rows)}
         else:
@@ -289,40 +288,38 @@ class PairRecorder:
             good = picked[ok[picked]]
             stats.failed += len(picked) - len(good)
             stats.add_scored(
-                batch.probabilities[good], shadow[good], primary_codes[good], shadow_codes[good]
+                taken.probabilities[good], shadow[good], primary_codes[good], shadow_codes[good]
             )
         self._stats_dirty = True
+        if release is not None:
+            release(taken)
         _yield_gil()
         shadow_decisions = np.where(ok, _DECISION_ARRAY[np.clip(shadow_codes, 0, 2)], None)
         columns: list = [
-            batch.request_ids,
-            list(batch.transaction_ids),
-            batch.time_ms,
-            batch.card_keys,
+            taken.request_ids,
+            taken.transaction_ids,
+            taken.time_ms,
+            taken.card_keys,
             [self.worker] * rows,
             [self.primary] * rows,
             versions,
             [name] * rows,
             [version] * rows,
-            batch.probabilities.astype(np.float64),
+            taken.probabilities,
             pa.array(shadow, from_pandas=True),  # NaN (failed) → null
-            list(batch.decisions),
+            list(taken.decisions),
             list(shadow_decisions),
-            latency.astype(np.float64),
+            taken.latency_us,
             np.full(rows, shadow_latency_us),
             [error] * rows,
-            batch.clients or [None] * rows,
+            taken.clients,
         ]
         if self.settings.record_features:
-            columns.extend(np.ascontiguousarray(batch.features.T))
+            columns.extend(np.ascontiguousarray(taken.features.T))
         try:
             self.writer.add_rows(columns)
         except OSError as exc:
             log.error("shadow records could not be written: %s", exc)
-
-    def ready(self) -> bool:
-        """Always ready: batches are scored on the calling thread."""
-        return True
 
     def maybe_flush(self, now: float) -> None:
         """Write a segment if the oldest buffered record is ``flush_seconds`` old."""
@@ -381,8 +378,8 @@ class PairRecorder:
 class ShadowMirror:
     """One worker's mirror of its primary's traffic to the configured shadow target.
 
-    ``recorder`` is where taken batches go: a :class:`PairRecorder` on the mirror thread
-    (the default) or a :class:`riskwire.shadow.scorer_process.ScorerProcess`.
+    ``recorder`` consumes the ring: a :class:`PairRecorder` on the mirror thread (the
+    default) or a :class:`riskwire.shadow.scorer_process.ScorerProcess`.
     """
 
     def __init__(
@@ -398,10 +395,10 @@ class ShadowMirror:
         self.settings = settings
         self._resolve_local = resolve_local
         self._default_primary = default_primary
-        self._queue: deque = deque()
-        self._queue_size = settings.queue_size
+        self.ring = MirrorRing.create(settings.queue_size, NUM_FEATURES)
         self._random = random.random
         self.recorder = recorder if recorder is not None else PairRecorder(worker, settings)
+        self.recorder.attach(self.ring)
         # Read lock-free on the hot path; replaced as a whole by the mirror thread.
         self.active = False
         self._primary = ""
@@ -444,23 +441,19 @@ class ShadowMirror:
         """Mirror one scored request if it passes the filter (never blocks).
 
         The caller samples first (:meth:`sampled`), so unsampled requests cost nothing
-        more; ``features`` must be the caller's own copy; ``filter_values`` is (channel,
-        country, card_country, currency, mcc, amount).
+        more; ``features`` (a C-contiguous float64 row) is copied into the ring;
+        ``filter_values`` is (channel, country, card_country, currency, mcc, amount).
         """
         if model_name != self._primary:
             return
         wanted = self._filter
         if wanted is not None and not wanted(*filter_values):
             return
-        if len(self._queue) >= self._queue_size:
+        if not self.ring.put_one(
+            model_version, request_id, transaction_id, client, time_ms, card_key,
+            probability, decision, latency_us, features, trace,
+        ):  # fmt: skip
             self.recorder.count_drop(model_version, 1)
-            return
-        self._queue.append(
-            (
-                model_version, request_id, transaction_id, time_ms, card_key,
-                probability, decision, latency_us, features, trace, client or None,
-            )
-        )  # fmt: skip
 
     def offer_batch(
         self,
@@ -492,20 +485,15 @@ class ShadowMirror:
             keep &= np.array([wanted(*(c[i] for c in picked)) for i in rows], dtype=bool)
         if not keep.any():
             return
-        if len(self._queue) >= self._queue_size:
-            self.recorder.count_drop(model_version, int(keep.sum()))
-            return
         index = np.flatnonzero(keep)
         ids = [f"{request_id}/{i}" for i in rows[index]]
         tids = [transaction_ids[i] for i in rows[index]] if transaction_ids else [""] * len(ids)
-        self._queue.append(
-            _Batch(
-                model_version, ids, tids, time_ms[index], card_keys[index],
-                probabilities[index], decisions[index], latency_us, features[index],
-                [trace] if trace is not None else None,
-                [client] * len(ids) if client else None,
-            )
-        )  # fmt: skip
+        if not self.ring.put_rows(
+            model_version, ids, tids, client, time_ms[index], card_keys[index],
+            probabilities[index], decisions[index], latency_us,
+            np.ascontiguousarray(features[index], dtype=np.float64), trace,
+        ):  # fmt: skip
+            self.recorder.count_drop(model_version, len(ids))
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -517,56 +505,32 @@ class ShadowMirror:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        self.recorder.close(len(self._queue))
+        self.recorder.close(self.ring.pending())
 
     def queued(self) -> int:
         """Requests waiting for the shadow scorer."""
-        return len(self._queue)
+        return self.ring.pending()
 
     # ------------------------------------------------------------------ mirror thread
     def _run(self) -> None:
-        """Hand queued requests to the recorder in batches: when ``batch_rows`` are
-        waiting or the oldest has waited ``max_delay_s``. Few large batches keep the
-        thread's share of the GIL (and so its effect on the primary's latency) small."""
+        """Apply configuration changes, publish stats and let the recorder take its
+        batches off the ring (on this thread, or the scorer process's supervision)."""
         settings = self.settings
         _unpin()
-        next_poll = last_batch = 0.0
+        next_poll = 0.0
         while True:
-            stopping = self._stop.is_set()
             now = time.monotonic()
-            if now >= next_poll and not stopping:
+            if self._stop.is_set():
+                self.recorder.drain()  # what is queued (the scorer process: at its close)
+                return
+            if now >= next_poll:
                 next_poll = now + settings.poll_s
                 self.refresh()
-                self.recorder.publish(len(self._queue), self.active)
-            waiting = len(self._queue)
-            full = waiting >= settings.batch_rows
-            due = waiting and (full or stopping or now - last_batch >= settings.max_delay_s)
-            if due and self.recorder.ready():
-                self.recorder.score(columnar(self._take(settings.batch_rows)))
-                last_batch = now
+                self.recorder.publish(self.ring.pending(), self.active)
+            if self.recorder.pump(now):
                 continue
-            if stopping and not waiting:
-                return
             self.recorder.maybe_flush(now)
-            if not waiting:
-                last_batch = now  # the next request starts a fresh wait
-            time.sleep(settings.idle_sleep_s)  # idle, or the recorder is not ready
-
-    def _hand_over_all(self) -> None:
-        """Give everything queued to the recorder (waiting until it is ready)."""
-        while self._queue:
-            if self.recorder.ready():
-                self.recorder.score(columnar(self._take(self.settings.batch_rows)))
-            else:
-                time.sleep(self.settings.idle_sleep_s)
-
-    def _take(self, limit: int) -> list:
-        items, rows, queue = [], 0, self._queue
-        while rows < limit and queue:
-            item = queue.popleft()
-            items.append(item)
-            rows += len(item.request_ids) if isinstance(item, _Batch) else 1
-        return items
+            time.sleep(settings.idle_sleep_s)
 
     def refresh(self) -> None:
         """Apply the control file if it changed (the mirror thread calls this itself)."""
@@ -586,7 +550,8 @@ class ShadowMirror:
             log.error("shadow control file %s unreadable: %s", path, exc)
             return
         if config is not None and config.generation != self._config.generation:
-            self._hand_over_all()  # what was mirrored under the old target is scored by it
+            # What was mirrored under the old target is scored by it.
+            self.recorder.drain(self.ring.written())
             self._apply(config)
 
     def _apply(self, config: ShadowConfig) -> None:

@@ -1,29 +1,31 @@
 """The shadow scorer process: a worker's shadow scoring, off the worker's CPU and GIL.
 
-    worker: ShadowMirror thread ── ("score", columnar batches) ──▶ socket pair
-                                ── ("configure", …), ("status", …) ─▶      │
-    scorer process (idle priority): PairRecorder ◀─────────────────────────┘
-        target.score → PairStats → stats file;  paired records → Parquet segments
+    worker: request threads ── rows ──▶ MirrorRing (shared memory) ──┐
+            mirror thread ── ("configure" | "drain" | "status", …) ─▶ socket pair
+    scorer process (idle priority): PairRecorder ◀───────────────────┘
+        takes batches off the ring → target.score → PairStats → stats file;
+        paired records → Parquet segments
 
-The worker keeps only the hot path (sample, filter, append to its bounded queue) and a
-thread that packs queued requests into columns and writes them to the socket. This
-process, started by the worker with :class:`ScorerProcess`, builds the shadow target
-(loads the package, or connects to the remote endpoint), scores, keeps the pair
-statistics and writes the records under the worker's number and pid, exactly as the
-in-process recorder would. At ``SCHED_IDLE`` priority (the default) it runs only on CPU
-time nothing else wants, so mirroring does not lengthen the primary's queue; when the
-machine is saturated it falls behind, the socket and then the worker's queue fill, and
-further mirrors are dropped and counted, never blocking a request.
+The worker keeps only the hot path (sample, filter, write the row into its ring); its
+mirror thread only forwards configuration changes and drop counts and restarts a dead
+process. This process, started by the worker with :class:`ScorerProcess`, maps the
+ring, builds the shadow target (loads the package, or connects to the remote endpoint),
+takes batches, scores, keeps the pair statistics and writes the records under the
+worker's number and pid, exactly as the in-worker recorder would. At ``SCHED_IDLE``
+priority (the default) it runs only on CPU time nothing else wants, so mirroring does
+not lengthen the primary's queue; when the machine is saturated it falls behind, the
+ring fills and further mirrors are dropped and counted, never blocking a request.
 
 It ignores SIGTERM and SIGINT and ends when the worker closes the socket or dies (end
-of file): it then scores what it has received, flushes its records and publishes its
-stats, so a SIGKILL of the worker loses only the worker's queue.
+of file): it then scores every committed row of the ring, flushes its records and
+publishes its stats, so a SIGKILL of the worker loses no mirrored row. A process that
+dies is restarted and continues from the ring's read position; it loses the records it
+had buffered for its next segment.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import signal
@@ -32,18 +34,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter, deque
 from multiprocessing.connection import Connection
 from typing import Any
 
 from .config import ShadowConfig
 from .mirror import MirrorSettings, PairKey, PairRecorder, TargetSpec
+from .ring import MirrorRing
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 30.0  # the process scores what it received before it exits
 RESTART_INTERVAL_S = 1.0  # at most one restart of a dead process per interval
-IN_FLIGHT_BATCHES = 2  # batches sent to the process before it reports them scored
 
 
 class ScorerProcess:
@@ -68,6 +69,7 @@ class ScorerProcess:
         self.target_error: str | None = None  # errors known here; the process adds its own
         self.primary = ""
         self.label = ("", "")
+        self.ring: MirrorRing | None = None
         self._active = False
         self._start = {
             "worker": worker,
@@ -84,10 +86,6 @@ class ScorerProcess:
         self._process: subprocess.Popen | None = None
         self._started_at = 0.0
         self._spawned = False
-        # Rows sent and not yet scored: at most ``IN_FLIGHT_BATCHES`` batches, so the
-        # worker's bounded queue (not the socket's buffer) absorbs a slow shadow.
-        self._in_flight: deque[Counter[str]] = deque()  # rows per primary version, per batch
-        self._in_flight_limit = IN_FLIGHT_BATCHES * settings.batch_rows
         # Until the shadow is first turned on no process runs: this worker's stats (its
         # configuration generation, inactive) are published from here.
         self._idle = PairRecorder(worker, settings)
@@ -102,13 +100,19 @@ class ScorerProcess:
         """The scorer process's pid."""
         return self._process.pid if self._process is not None else None
 
+    def attach(self, ring: MirrorRing) -> None:
+        """The ring the process will consume (its descriptor is passed at start)."""
+        self.ring = ring
+
     def _spawn(self) -> None:
+        if self.ring is None:
+            raise RuntimeError("attach the mirror ring before starting the scorer process")
         self._spawned = True
         parent, child = socket.socketpair()
         with child:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(child.fileno())],
-                pass_fds=(child.fileno(),),
+                [sys.executable, "-m", __name__, str(child.fileno()), str(self.ring.fd)],
+                pass_fds=(child.fileno(), self.ring.fd),
                 stdin=subprocess.DEVNULL,
             )
         self._started_at = time.monotonic()
@@ -146,10 +150,6 @@ class ScorerProcess:
         return True
 
     def _reap(self) -> None:
-        for counts in self._in_flight:  # sent to a process that died: lost, and counted
-            for version, rows in counts.items():
-                self.count_drop(version, rows)
-        self._in_flight.clear()
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.close()
@@ -185,35 +185,26 @@ class ScorerProcess:
         self._send(self._configure_message)
 
     def count_drop(self, model_version: str, count: int) -> None:
-        """Count mirrors dropped for a full queue (any thread; sent with the status)."""
+        """Count mirrors dropped for a full ring (any thread; sent with the status)."""
         key = (self.primary, model_version, *self.label)
         with self._dropped_lock:
             self._dropped[key] = self._dropped.get(key, 0) + count
 
-    def ready(self) -> bool:
-        """Whether the process has room for another batch (reads its reports)."""
-        conn = self._conn
-        try:
-            while conn is not None and self._in_flight and conn.poll(0):
-                conn.recv()  # one report per batch, in order
-                self._in_flight.popleft()
-        except (EOFError, OSError):
-            self._reap()  # gone: the next send restarts it
-        return self._in_flight_rows() < self._in_flight_limit
+    def pump(self, now: float) -> bool:
+        """The process takes its own batches: restart it if it died (rate-limited)."""
+        process = self._process
+        if process is not None and process.poll() is not None:
+            log.error(
+                "shadow scorer process of worker %d exited (%s)", self.worker, process.returncode
+            )
+            self._restart()
+        return False
 
-    def _in_flight_rows(self) -> int:
-        return sum(counts.total() for counts in self._in_flight)
-
-    def score(self, batches: list) -> None:
-        """Send :func:`~riskwire.shadow.mirror.columnar` batches; the mirror thread
-        sends only when :meth:`ready` (a slow process fills the worker's queue, which
-        then drops)."""
-        counts = Counter(itertools.chain.from_iterable(v for _, v, _ in batches))
-        if self._send(("score", batches)):
-            self._in_flight.append(counts)
-        else:
-            for version, rows in counts.items():
-                self.count_drop(version, rows)
+    def drain(self, upto: int | None = None) -> None:
+        """Have the process score the rows before ``upto`` before what comes next (a
+        configuration); without ``upto``, nothing: the process drains at its close."""
+        if upto is not None and self._spawned:
+            self._send(("drain", upto))
 
     def maybe_flush(self, now: float) -> None:
         """Nothing: the process flushes its own records."""
@@ -223,14 +214,13 @@ class ScorerProcess:
         if not self._spawned:
             self._idle.publish(queued, active)
             return
-        self.ready()  # take the process's reports of scored rows
         with self._dropped_lock:
-            status = (queued + self._in_flight_rows(), dict(self._dropped))
+            status = (queued, dict(self._dropped))
         if status != self._status_sent and self._send(("status", *status)):
             self._status_sent = status
 
     def close(self, queued: int = 0) -> None:
-        """Let the process score what it received, flush and exit (within a timeout)."""
+        """Let the process score the ring, flush and exit (within a timeout)."""
         if not self._spawned:
             self._idle.close(queued)
             return
@@ -261,31 +251,32 @@ def _lower_priority(idle: bool) -> None:
 
 
 def serve(conn: Connection, recorder: PairRecorder) -> None:
-    """Handle the worker's messages until it closes the socket, then flush and publish."""
-    poll_s = recorder.settings.poll_s
-    queued, next_publish = 0, 0.0
+    """Take batches off the ring and handle the worker's messages until it closes the
+    socket; then score what is committed, flush and publish."""
+    settings = recorder.settings
+    queued, next_publish, scored = 0, 0.0, False
     try:
         while True:
-            try:
-                message = conn.recv() if conn.poll(poll_s) else None
-            except (EOFError, OSError):
+            try:  # messages first: a configuration applies to the rows after it
+                while conn.poll(0 if scored else settings.idle_sleep_s):
+                    message = conn.recv()
+                    kind = message[0]
+                    if kind == "drain":
+                        recorder.drain(message[1])
+                    elif kind == "configure":
+                        recorder.configure(*message[1:])
+                    elif kind == "status":
+                        queued = message[1]
+                        recorder.set_dropped(message[2])
+                        recorder.mark_dirty()
+            except (EOFError, OSError):  # the worker closed the socket or died
+                recorder.drain()
                 return
-            if message is not None:
-                kind = message[0]
-                if kind == "score":
-                    recorder.score(message[1])
-                    with contextlib.suppress(OSError):  # the worker is gone: finish anyway
-                        conn.send(("scored",))
-                elif kind == "configure":
-                    recorder.configure(*message[1:])
-                elif kind == "status":
-                    queued = message[1]
-                    recorder.set_dropped(message[2])
-                    recorder.mark_dirty()
             now = time.monotonic()
+            scored = recorder.pump(now)
             recorder.maybe_flush(now)
             if now >= next_publish:
-                next_publish = now + poll_s
+                next_publish = now + settings.poll_s
                 recorder.publish(queued)
     finally:
         recorder.close(0)
@@ -294,10 +285,11 @@ def serve(conn: Connection, recorder: PairRecorder) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m riskwire.shadow.scorer_process FD``: serve the socket on ``FD``."""
+    """``python -m riskwire.shadow.scorer_process FD RING_FD``: serve the socket on
+    ``FD``, consuming the mirror ring on ``RING_FD``."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the worker's end of file stops us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fd = int((argv if argv is not None else sys.argv[1:])[0])
+    fd, ring_fd = (int(arg) for arg in (argv if argv is not None else sys.argv[1:])[:2])
     conn = Connection(fd)
     kind, start = conn.recv()
     if kind != "start":
@@ -308,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s shadow-scorer w{start['worker']} %(levelname)s %(message)s",
     )
     recorder = PairRecorder(start["worker"], start["settings"], pid=start["pid"])
+    recorder.attach(MirrorRing.attach(ring_fd))
     if start["tracing"] is not None:
         from riskwire.server.tracing import make_tracing
 
