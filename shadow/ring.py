@@ -98,6 +98,16 @@ def _trace_fields(trace: tuple | None) -> tuple[int, int, int, int]:
     return kind, (trace_id >> 64) & _MASK64, trace_id & _MASK64, span_id & _MASK64
 
 
+def _layout(capacity: int, num_features: int, heap_bytes: int) -> tuple[int, ...]:
+    """Byte offsets of the stamps, records, features and heap, and the total size."""
+    stamps_at = HEADER_WORDS * 8
+    records_at = stamps_at + 8 * capacity
+    features_at = records_at + RECORD.itemsize * capacity
+    features_at += -features_at % 8  # float64 alignment
+    heap_at = features_at + 8 * capacity * num_features
+    return stamps_at, records_at, features_at, heap_at, heap_at + heap_bytes
+
+
 def _anonymous_file(size: int) -> int:
     """A file descriptor of ``size`` zeroed bytes with no name (memfd where there is one)."""
     if hasattr(os, "memfd_create"):
@@ -122,12 +132,10 @@ class MirrorRing:
         self._owner = owner
         header = np.frombuffer(os.pread(fd, HEADER_WORDS * 8, 0), dtype="<i8")
         self.capacity, self.num_features, self.heap_bytes = (int(v) for v in header[:3])
-        stamps_at = HEADER_WORDS * 8
-        records_at = stamps_at + 8 * self.capacity
-        features_at = records_at + RECORD.itemsize * self.capacity
-        features_at += -features_at % 8
-        heap_at = features_at + 8 * self.capacity * self.num_features
-        self._map = mmap.mmap(fd, heap_at + self.heap_bytes)
+        stamps_at, records_at, features_at, heap_at, size = _layout(
+            self.capacity, self.num_features, self.heap_bytes
+        )
+        self._map = mmap.mmap(fd, size)
         buffer = self._map
         self._header = np.frombuffer(buffer, "<i8", HEADER_WORDS, 0)
         self._stamps = np.frombuffer(buffer, "<i8", self.capacity, stamps_at)
@@ -150,10 +158,7 @@ class MirrorRing:
         if capacity < 1 or num_features < 1:
             raise ValueError("a mirror ring needs at least one slot and one feature")
         heap_bytes = heap_bytes or 256 * capacity
-        features_at = HEADER_WORDS * 8 + 8 * capacity + RECORD.itemsize * capacity
-        features_at += -features_at % 8
-        size = features_at + 8 * capacity * num_features + heap_bytes
-        fd = _anonymous_file(size)
+        fd = _anonymous_file(_layout(capacity, num_features, heap_bytes)[-1])
         header = np.zeros(HEADER_WORDS, "<i8")
         header[:3] = capacity, num_features, heap_bytes
         os.pwrite(fd, header.tobytes(), 0)
