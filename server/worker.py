@@ -77,9 +77,9 @@ def freeze_startup_heap() -> None:
     garbage collector's reach: it lives as long as the process and holds no garbage.
 
     Unfrozen, each full collection scanned that whole heap with the GIL held: ~60 ms on
-    the 2-core VM, every 10-20 s under load (more often while the shadow mirror keeps
-    requests queued), which put every request of the worker behind it (59-88 ms maximum
-    latencies at 60% load). Frozen, a full collection takes ~0.5 ms.
+    the 2-core VM, every 10-20 s under load, which put every request of the worker
+    behind it (59-88 ms maximum latencies at 60% load). Frozen, a full collection takes
+    ~0.5 ms.
     """
     gc.collect()
     gc.freeze()

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from riskwire.kernels.schema import NUM_FEATURES
-from riskwire.pipeline.package import load_package
 from riskwire.shadow import scorer_process
 from riskwire.shadow.config import ShadowConfig
-from riskwire.shadow.mirror import MirrorSettings, PairRecorder, ShadowMirror
+from riskwire.shadow.mirror import MirrorSettings, PairRecorder, ShadowMirror, TargetSpec
 from riskwire.shadow.records import read_records
 from riskwire.shadow.scorer_process import ScorerProcess
 from riskwire.shadow.targets import LocalTarget
@@ -28,16 +27,7 @@ ROWS = 300
 def package_target(models_dir: Path) -> LocalTarget:
     """The demo package as a local shadow target (with its directory, for the process)."""
     path = sorted((models_dir / "fraud").iterdir())[-1]
-    package = load_package(path)
-    thresholds = package.thresholds
-    return LocalTarget(
-        package.name,
-        str(package.version),
-        package.forest,
-        float(thresholds["review"]),
-        float(thresholds["decline"]),
-        str(path),
-    )
+    return TargetSpec(package_dir=str(path)).build()
 
 
 def mirror_settings(root: Path) -> MirrorSettings:
