@@ -280,10 +280,11 @@ def _outcome(response: Any, client: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {"client_id": client} if client else {}
     if response is None:
         return out
-    for field, key in (("model_name", "model"), ("model_version", "model_version")):
-        value = getattr(response, field, "")
-        if value:
-            out[key] = value
+    name, version = _model_of(response)  # a response message, or the routed version
+    if name:
+        out["model"] = name
+    if version:
+        out["model_version"] = version
     decision = getattr(response, "decision", None)
     if isinstance(decision, int) and decision in _DECISIONS:
         out["decision"] = _DECISIONS[decision]

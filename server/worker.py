@@ -165,11 +165,13 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from riskwire.kernels import features
-    from riskwire.protos import inference_pb2_grpc, scoring_pb2_grpc
+    from riskwire.protos import scoring_pb2_grpc
     from riskwire.shadow.labels import LabelStore
 
     from .dataplane import DataPlane
+    from .grpc import infer_wire
     from .grpc.inference import InferenceServicer
+    from .grpc.inference import add_to_server as add_inference_service
     from .grpc.reflection import enable_reflection
     from .grpc.scoring import RequestIds, ScoringServicer
     from .registry import ModelRegistry
@@ -186,6 +188,7 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
         raise RuntimeError(f"no loadable model package under {settings.models}")
     state = _open_card_state(settings, state_name)
     features.warmup()
+    infer_wire.warmup()
     for runtime in runtimes:
         runtime.warmup()
     from riskwire.shadow.records import warm_up as warm_up_segments
@@ -262,9 +265,7 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     serving = threading.Event()
     ids = RequestIds()
     scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(dataplane, labels, ids), server)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane, serving.is_set, ids), server
-    )
+    add_inference_service(InferenceServicer(dataplane, serving.is_set, ids), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([*SERVICE_NAMES, health.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"

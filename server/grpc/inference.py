@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from riskwire import __version__
 from riskwire.protos import inference_pb2 as pb
@@ -17,6 +19,7 @@ from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
 from ..request_log import CALL
 from .dispatch import inline
+from .infer_wire import ResponseWriter, SingleRow, read_single_row
 from .scoring import RequestIds
 from .status import caller, check_deadline, count_item, item_error, throttle, unary
 from .tensors import (
@@ -29,6 +32,7 @@ from .tensors import (
     encode_bytes_elements,
 )
 
+SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "riskwire_lightgbm"
 EXTENSIONS = ("model_configuration",)
 _TRITON_TYPES = {
@@ -47,6 +51,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._dataplane = dataplane
         self._is_ready = is_ready
         self._ids = ids or RequestIds()
+        self._writer = ResponseWriter()
 
     # ---------------------------------------------------------------- health & metadata
     @inline
@@ -111,8 +116,20 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     # ---------------------------------------------------------------- inference
     @inline
     @unary
-    def ModelInfer(self, request, context):
-        return self._infer(request)
+    def ModelInfer(self, request: bytes, context) -> bytes:
+        """Bytes in, bytes out (registered with identity serialisers, see
+        :func:`add_to_server`): a one-row request of raw inputs is read and answered
+        without protobuf messages; any other is parsed and takes the general path."""
+        row = read_single_row(request)
+        if row is None:
+            try:
+                message = pb.ModelInferRequest.FromString(request)
+            except DecodeError:
+                raise InvalidInputError(
+                    "the request is not a valid inference.ModelInferRequest message"
+                ) from None
+            return self._infer(message).SerializeToString()
+        return self._infer_single(row)
 
     def ModelStreamInfer(self, request_iterator, context) -> Iterator[pb.ModelStreamInferResponse]:
         principal = caller(context, "ModelStreamInfer")
@@ -151,16 +168,29 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         )
         return [outcome.probability], [outcome.decision], [outcome.flags], outcome.model or model
 
+    def _infer_single(self, row: SingleRow) -> bytes:
+        """The fast path's answer, as response bytes."""
+        model = self._named_model(row.model_name, row.model_version)
+        wanted = _wanted_outputs(row.outputs)
+        request_id = row.request_id or self._ids.next()
+        probabilities, decisions, flags, model = self._score_single(
+            model, row.values, request_id, not row.model_version
+        )
+        if flags[0]:  # findings go into the response's parameters: the message path
+            response = infer_response(
+                model, request_id, wanted, [1, 1] if row.two_dims else [1], probabilities,
+                decisions, flags,
+            )  # fmt: skip
+            return response.SerializeToString()
+        return self._writer.write(
+            model.name, model.version, request_id, wanted, row.two_dims, probabilities[0],
+            decisions[0],
+        )  # fmt: skip
+
     def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         dataplane = self._dataplane
         model = self._named_model(request.model_name, request.model_version)
-        wanted = [o.name for o in request.outputs] or list(OUTPUT_NAMES)
-        for name in wanted:
-            if name not in OUTPUT_NAMES:
-                raise InvalidInputError(
-                    f"unknown output '{clip(name)}'; the model produces {', '.join(OUTPUT_NAMES)}",
-                    field=name,
-                )
+        wanted = _wanted_outputs([o.name for o in request.outputs])
         features = decode_features(request, dataplane.max_batch_rows)
         request_id = request.id or self._ids.next()
         if features is not None:  # ready-made feature rows: stateless scoring
@@ -190,22 +220,69 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 probabilities, decisions = outcome.probabilities, outcome.decisions
                 flags, model = outcome.flags, outcome.model or model
         shape = [rows, 1] if len(request.inputs[0].shape) == 2 else [rows]
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=model.version, id=request_id
-        )
-        flagged = {str(i): list(f) for i, f in enumerate(flags) if f}
-        if flagged:  # validation findings scored anyway: {"row": ["range:amount", ...]}
-            response.parameters["flags"].string_param = json.dumps(flagged)
-        for name in wanted:
-            if name == "probability":
-                content = np.asarray(probabilities, dtype="<f8").tobytes()
-                datatype = "FP64"
-            else:
-                content = encode_bytes_elements(decisions)
-                datatype = "BYTES"
-            response.outputs.add(name=name, datatype=datatype, shape=shape)  # no temporary
-            response.raw_output_contents.append(content)
-        return response
+        return infer_response(model, request_id, wanted, shape, probabilities, decisions, flags)
+
+
+def _wanted_outputs(names: Sequence[str]) -> Sequence[str]:
+    """The requested outputs (none: all), each checked."""
+    for name in names:
+        if name not in OUTPUT_NAMES:
+            raise InvalidInputError(
+                f"unknown output '{clip(name)}'; the model produces {', '.join(OUTPUT_NAMES)}",
+                field=name,
+            )
+    return names or OUTPUT_NAMES
+
+
+def infer_response(
+    model: ModelRuntime, request_id: str, wanted: Sequence[str], shape: list[int],
+    probabilities: Sequence[float], decisions: Sequence[str], flags: Sequence[tuple[str, ...]],
+) -> pb.ModelInferResponse:  # fmt: skip
+    """A ModelInferResponse with raw output contents, in the requested order."""
+    response = pb.ModelInferResponse(
+        model_name=model.name, model_version=model.version, id=request_id
+    )
+    flagged = {str(i): list(f) for i, f in enumerate(flags) if f}
+    if flagged:  # validation findings scored anyway: {"row": ["range:amount", ...]}
+        response.parameters["flags"].string_param = json.dumps(flagged)
+    for name in wanted:
+        if name == "probability":
+            content = np.asarray(probabilities, dtype="<f8").tobytes()
+            datatype = "FP64"
+        else:
+            content = encode_bytes_elements(decisions)
+            datatype = "BYTES"
+        response.outputs.add(name=name, datatype=datatype, shape=shape)  # no temporary
+        response.raw_output_contents.append(content)
+    return response
+
+
+class _Registrar:
+    """Stands in for a server to receive the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.Server) -> None:
+    """Register the service as the generated code does, except that ModelInfer takes and
+    returns serialised bytes (grpc's identity serialisers)."""
+    registrar = _Registrar()
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
+    handlers = registrar.handlers
+    if "ModelInfer" not in handlers:
+        raise RuntimeError("the generated inference service code registers no ModelInfer")
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    register = getattr(server, "add_registered_method_handlers", None)
+    if register is not None:
+        register(SERVICE, handlers)
 
 
 def _first(values) -> object:  # noqa: ANN001 - list or numpy array

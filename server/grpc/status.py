@@ -125,9 +125,7 @@ def unary(method: Handler) -> Handler:
             if service is not None and status == "OK":
                 service.observe(latency)
             if not lines:  # metrics only: no line, no span
-                request_log.count(
-                    name, status, latency, response if response is not None else CALL.model
-                )
+                request_log.count(name, status, latency, _subject(response))
             else:
                 if tracing is None:
                     traceparent = traceparent_of(context.invocation_metadata())
@@ -135,13 +133,19 @@ def unary(method: Handler) -> Handler:
                 else:  # ids: chosen by the dataplane when it mirrored the call
                     marks, ids = CALL.stages, CALL.ids
                 client = CALL.client if _gate is not None else ""
-                subject = response if response is not None else CALL.model
+                subject = _subject(response)
                 request_log.add(
                     traceparent, name, status, started, latency, subject, t0, marks, client,
                     ids,
                 )  # fmt: skip
 
     return wrapper  # type: ignore[return-value]
+
+
+def _subject(response: Any) -> Any:
+    """What the call's metrics and log line name the model by: its response message, or
+    the version it was routed to (a failed call, or a response sent as bytes)."""
+    return CALL.model if response is None or response.__class__ is bytes else response
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

@@ -1,0 +1,199 @@
+"""ModelInfer's one-row fast path: request values straight from the wire bytes, the
+response written as bytes.
+
+ModelInfer is served with grpc's identity (de)serialisers. For a one-row request of the
+model's raw inputs, :func:`read_single_row` takes the values out of the serialised
+request with one Numba pass (``kernels/wire.py``) and :class:`ResponseWriter` writes the
+response bytes around the probability and the decision: no protobuf message is built
+either way. Every other request (batches, feature rows, anything unusual or wrong) is
+parsed with protobuf and takes the general path, which gives the same answers and
+errors as before; a test compares both paths on generated requests.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from riskwire.kernels import wire
+
+from .tensors import _REQUIRED_INPUTS, _SCALAR_FORMATS, INPUTS, OUTPUT_NAMES
+
+# Datatypes in the order of the kernel's tables: name, InferTensorContents field,
+# raw width (0 = BYTES) and the range of typed integers.
+_DATATYPES = (
+    ("BYTES", 8, 0, 0, 0),
+    ("FP64", 7, 8, 0, 0),
+    ("FP32", 6, 4, 0, 0),
+    ("INT64", 3, 8, -(2**63), 2**63 - 1),
+    ("INT32", 2, 4, -(2**31), 2**31 - 1),
+    ("INT16", 2, 2, -(2**15), 2**15 - 1),
+    ("UINT16", 4, 2, 0, 2**16 - 1),
+)
+_DATATYPE_NAMES = tuple(d[0] for d in _DATATYPES)
+_SPEC = wire.reader_spec(
+    [spec.name for spec in INPUTS],
+    list(_DATATYPE_NAMES),
+    np.array([[name in spec.accepted for name in _DATATYPE_NAMES] for spec in INPUTS]),
+    *(list(column) for column in list(zip(*_DATATYPES, strict=True))[1:]),
+)
+# Per input, in INPUTS order: (name, base slot, unpacker per datatype, float result?).
+_READERS = tuple(
+    (
+        spec.name,
+        wire.INPUTS_AT + wire.INPUT_SLOTS * index,
+        tuple(_SCALAR_FORMATS.get(name) for name in _DATATYPE_NAMES),
+        spec.datatype == "FP64",
+    )
+    for index, spec in enumerate(INPUTS)
+)
+
+
+class _Result(threading.local):
+    def __init__(self) -> None:
+        self.out = np.zeros(wire.result_size(len(INPUTS)), np.int64)
+
+
+_result = _Result()
+
+
+@dataclass(slots=True)
+class SingleRow:
+    """A one-row ModelInferRequest, read from its bytes."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+    outputs: list[str]  # the requested output names, in order (empty: all)
+    two_dims: bool  # the first input's shape was [1, 1] (answers get shape [1, 1])
+    values: dict[str, object]  # every input, as decode_single_row gives them
+
+
+def read_single_row(raw: bytes) -> SingleRow | None:
+    """The request's row when it is a well-formed one-row request of the raw inputs
+    (the same values :func:`tensors.decode_single_row` reads from the parsed message),
+    or None: then parse it with protobuf."""
+    out = _result.out
+    if wire.read_one_row(raw, out, _SPEC):
+        return None
+    slots = out.tolist()
+    values: dict[str, object] = {}
+    try:
+        for name, base, unpackers, is_float in _READERS:
+            order, datatype, kind, at, size, value = slots[base : base + wire.INPUT_SLOTS]
+            if order < 0:
+                continue
+            if kind == wire.ELEMENT:
+                values[name] = raw[at : at + size].decode()
+                continue
+            if kind == wire.FIXED:
+                value = unpackers[datatype].unpack_from(raw, at)[0]
+            values[name] = float(value) if is_float else int(value)
+        model_name = _text(raw, slots, wire.MODEL_NAME)
+        model_version = _text(raw, slots, wire.MODEL_VERSION)
+        request_id = _text(raw, slots, wire.REQUEST_ID)
+        outputs = []
+        for index in range(slots[wire.OUTPUT_COUNT]):
+            at, size = slots[wire.OUTPUTS_AT + 2 * index : wire.OUTPUTS_AT + 2 * index + 2]
+            outputs.append(raw[at : at + size].decode())
+    except UnicodeDecodeError:
+        return None
+    if not _REQUIRED_INPUTS.issubset(values):
+        return None
+    values.setdefault("event_time_ms", 0)
+    values.setdefault("transaction_id", "")
+    return SingleRow(
+        model_name, model_version, request_id, outputs, slots[wire.FIRST_DIMS] == 2, values
+    )
+
+
+def _text(raw: bytes, slots: list[int], slot: int) -> str:
+    size = slots[slot + 1]
+    return raw[slots[slot] : slots[slot] + size].decode() if size > 0 else ""
+
+
+def warmup() -> None:
+    """Compile (or load) the kernel before the worker serves."""
+    read_single_row(b"")
+
+
+# ------------------------------------------------------------------ the response
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _delimited(field: int, data: bytes) -> bytes:
+    return _key(field, wire.LENGTH) + _varint(len(data)) + data
+
+
+_PROBABILITY = struct.Struct("<d")
+_DECISION_LENGTH = struct.Struct("<I")
+_RAW_PROBABILITY = _key(6, wire.LENGTH) + _varint(8)  # raw_output_contents: 8 bytes
+_OUTPUT_TYPES = {"probability": "FP64", "decision": "BYTES"}
+
+
+class ResponseWriter:
+    """ModelInferResponse bytes of one-row answers: the parts that depend only on the
+    model version, the requested outputs and the shape are encoded once."""
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[str, str], bytes] = {}
+        self._outputs: dict[tuple[tuple[str, ...], bool], bytes] = {}
+
+    def write(
+        self,
+        model_name: str,
+        model_version: str,
+        request_id: str,
+        outputs: tuple[str, ...] | list[str],
+        two_dims: bool,
+        probability: float,
+        decision: str,
+    ) -> bytes:
+        """The serialised response (outputs: requested names, known to be valid)."""
+        head = self._heads.get((model_name, model_version))
+        if head is None:
+            head = self._heads[model_name, model_version] = _head(model_name, model_version)
+        key = (tuple(outputs) or OUTPUT_NAMES, two_dims)
+        tensors = self._outputs.get(key)
+        if tensors is None:
+            tensors = self._outputs[key] = _output_tensors(*key)
+        parts = [head, _delimited(3, request_id.encode()), tensors]
+        for name in key[0]:
+            if name == "probability":
+                parts += (_RAW_PROBABILITY, _PROBABILITY.pack(probability))
+            else:
+                encoded = decision.encode()
+                parts += (
+                    _key(6, wire.LENGTH),
+                    _varint(len(encoded) + 4),
+                    _DECISION_LENGTH.pack(len(encoded)),
+                    encoded,
+                )
+        return b"".join(parts)
+
+
+def _head(model_name: str, model_version: str) -> bytes:
+    head = _delimited(1, model_name.encode()) if model_name else b""
+    return head + (_delimited(2, model_version.encode()) if model_version else b"")
+
+
+def _output_tensors(names: tuple[str, ...], two_dims: bool) -> bytes:
+    shape = _varint(1) * (2 if two_dims else 1)  # packed int64 shape: [1] or [1, 1]
+    tensors = b""
+    for name in names:
+        tensor = _delimited(1, name.encode()) + _delimited(2, _OUTPUT_TYPES[name].encode())
+        tensors += _delimited(5, tensor + _delimited(3, shape))
+    return tensors
