@@ -11,9 +11,11 @@ It reads only what it can read exactly as protobuf would and says "not mine" (a
 status > 0) for everything else: a field given twice where the message has one,
 groups, malformed varints, an unknown input name or datatype, a shape other than
 ``[1]`` / ``[1, 1]``, not exactly one element, typed integers outside their datatype,
-parameters and contents of a second kind (protobuf would check those too). The caller
-then parses the message with protobuf and takes its general path, which also produces
-the error a bad request deserves. Unknown fields are skipped, as protobuf skips them.
+contents of a second kind (protobuf would check those too). The caller then parses the
+message with protobuf and takes its general path, which also produces the error a bad
+request deserves. Parameters (perf_analyzer sends one) are checked as protobuf checks
+them, their strings left to the caller's UTF-8 check, and not used: the general path
+does not use them either. Unknown fields are skipped, as protobuf skips them.
 
 Wire format: https://protobuf.dev/programming-guides/encoding/ (ModelInferRequest and
 InferTensorContents as in ``protos/proto/riskwire/protos/inference.proto``).
@@ -40,7 +42,10 @@ OUTPUT_COUNT = 7
 OUTPUTS_AT = 8  # (offset, length) of each requested output name
 MAX_OUTPUTS = 4
 FIRST_DIMS = 16  # dimensions of the first input's shape (1 or 2)
-INPUTS_AT = 24
+TEXT_COUNT = 17  # strings inside parameters, for the caller to check as UTF-8
+TEXTS_AT = 24  # (offset, length) of each
+MAX_TEXTS = 12
+INPUTS_AT = TEXTS_AT + 2 * MAX_TEXTS
 ORDER, DATATYPE, KIND, OFFSET, LENGTH_SLOT, VALUE = range(6)  # per input
 INPUT_SLOTS = 6
 MAX_INPUTS = 16
@@ -133,6 +138,79 @@ def _fixed(buf, pos, size):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True, nogil=True)
+def _text(out, start, stop):  # noqa: ANN001, ANN202
+    """Note a string for the caller's UTF-8 check (protobuf checks every string)."""
+    count = out[TEXT_COUNT]
+    if count >= MAX_TEXTS:
+        return UNUSUAL
+    out[TEXTS_AT + 2 * count] = start
+    out[TEXTS_AT + 2 * count + 1] = stop - start
+    out[TEXT_COUNT] = count + 1
+    return READ
+
+
+@njit(cache=True, nogil=True)
+def _parameter(buf, at, to, out):  # noqa: ANN001, ANN202
+    """Check an InferParameter (bool 1, int64 2, string 3, double 4, uint64 5)."""
+    pos = at
+    while pos < to:
+        key, pos = _varint(buf, pos, to)
+        if pos < 0:
+            return MALFORMED
+        field, wire = key >> 3, key & 7
+        if field < 1 or field > MAX_FIELD:
+            return MALFORMED
+        if field > 5:
+            pos = _skip(buf, pos, to, wire)
+            if pos < 0:
+                return MALFORMED
+            continue
+        if wire != (LENGTH if field == 3 else (FIXED64 if field == 4 else VARINT)):
+            return UNUSUAL
+        if field == 3:
+            start, stop = _length(buf, pos, to)
+            if start < 0:
+                return MALFORMED
+            pos = stop
+            if _text(out, start, stop) != READ:
+                return UNUSUAL
+        else:
+            pos = _skip(buf, pos, to, wire)
+            if pos < 0:
+                return MALFORMED
+    return READ
+
+
+@njit(cache=True, nogil=True)
+def _parameters(buf, at, to, out):  # noqa: ANN001, ANN202
+    """Check one entry of a ``map<string, InferParameter>`` as protobuf would (its
+    strings are noted for the caller's UTF-8 check); the values are not used."""
+    pos = at
+    while pos < to:
+        key, pos = _varint(buf, pos, to)
+        if pos < 0:
+            return MALFORMED
+        field, wire = key >> 3, key & 7
+        if field < 1 or field > MAX_FIELD:
+            return MALFORMED
+        if field > 2:
+            pos = _skip(buf, pos, to, wire)
+            if pos < 0:
+                return MALFORMED
+            continue
+        if wire != LENGTH:
+            return UNUSUAL
+        start, stop = _length(buf, pos, to)
+        if start < 0:
+            return MALFORMED
+        pos = stop
+        status = _text(out, start, stop) if field == 1 else _parameter(buf, start, stop, out)
+        if status != READ:
+            return status
+    return READ
+
+
+@njit(cache=True, nogil=True)
 def _tensor(buf, start, stop, out, count, names, name_starts, types, type_starts, accepted):  # noqa: ANN001, ANN202, PLR0913
     """Read one InferInputTensor; returns a status. The contents' range is kept in the
     input's OFFSET / LENGTH slots until raw contents are known to be absent."""
@@ -188,8 +266,16 @@ def _tensor(buf, start, stop, out, count, names, name_starts, types, type_starts
                 if wire == VARINT:
                     pos = at
                     break
-        elif field == 4:
-            return UNUSUAL  # parameters
+        elif field == 4:  # parameters
+            if wire != LENGTH:
+                return UNUSUAL
+            at, to = _length(buf, pos, stop)
+            if at < 0:
+                return MALFORMED
+            pos = to
+            status = _parameters(buf, at, to, out)
+            if status != READ:
+                return status
         else:
             pos = _skip(buf, pos, stop, wire)
             if pos < 0:
@@ -351,8 +437,8 @@ def read_one_row(buf, out, spec):  # noqa: ANN001, ANN201
         if field < 1 or field > MAX_FIELD:
             status = MALFORMED
             break
-        if field == 4 or field <= 7 and wire != LENGTH:
-            status = UNUSUAL  # parameters (protobuf checks them) or a mistyped field
+        if field <= 7 and wire != LENGTH:
+            status = UNUSUAL  # a mistyped field: protobuf's to judge
             break
         if field > 7:  # unknown: skipped, as protobuf skips it
             pos = _skip(buf, pos, end, wire)
@@ -365,7 +451,11 @@ def read_one_row(buf, out, spec):  # noqa: ANN001, ANN201
             status = MALFORMED
             break
         pos = to
-        if field <= 3:  # model_name, model_version, id: the last one counts
+        if field == 4:  # parameters: checked, not used
+            status = _parameters(buf, at, to, out)
+            if status != READ:
+                break
+        elif field <= 3:  # model_name, model_version, id: the last one counts
             slot = MODEL_NAME if field == 1 else (MODEL_VERSION if field == 2 else REQUEST_ID)
             out[slot] = at
             out[slot + 1] = to - at
@@ -392,8 +482,18 @@ def read_one_row(buf, out, spec):  # noqa: ANN001, ANN201
                 if inner_key == (1 << 3 | LENGTH):
                     name_at, name_to = _length(buf, inner, to)
                     inner = name_to
+                elif inner_key == (2 << 3 | LENGTH):  # parameters
+                    start, stop = _length(buf, inner, to)
+                    if start < 0:
+                        inner = -1
+                        break
+                    inner = stop
+                    checked = _parameters(buf, start, stop, out)
+                    if checked != READ:
+                        inner = -1 if checked == MALFORMED else -2
+                        break
                 elif inner_key >> 3 <= 2:
-                    inner = -2  # parameters, or a mistyped name: protobuf's to read
+                    inner = -2  # a mistyped field: protobuf's to judge
                     break
                 else:
                     inner = _skip(buf, inner, to, inner_key & 7)

@@ -95,6 +95,9 @@ def read_single_row(raw: bytes) -> SingleRow | None:
         model_name = _text(raw, slots, wire.MODEL_NAME)
         model_version = _text(raw, slots, wire.MODEL_VERSION)
         request_id = _text(raw, slots, wire.REQUEST_ID)
+        for index in range(slots[wire.TEXT_COUNT]):  # strings inside parameters
+            at, size = slots[wire.TEXTS_AT + 2 * index : wire.TEXTS_AT + 2 * index + 2]
+            raw[at : at + size].decode()
         outputs = []
         for index in range(slots[wire.OUTPUT_COUNT]):
             at, size = slots[wire.OUTPUTS_AT + 2 * index : wire.OUTPUTS_AT + 2 * index + 2]

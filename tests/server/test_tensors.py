@@ -102,18 +102,26 @@ OUTPUT_CHOICES = st.lists(st.sampled_from(["probability", "decision"]), max_size
 
 @st.composite
 def serialized_requests(draw: st.DrawFn, malformed: bool = True) -> bytes:
-    """One-row requests (see :func:`one_row_requests`) with names, id and requested
-    outputs, serialised; with ``malformed``, also unknown outputs and parameters."""
+    """One-row requests (see :func:`one_row_requests`) with names, id, requested outputs
+    and parameters, serialised; with ``malformed``, also unknown outputs."""
     request = draw(one_row_requests(malformed=malformed))
     request.model_name = draw(st.sampled_from(["fraud", "", "Ω-model"]))
     request.model_version = draw(st.sampled_from(["", "1", "v2"]))
     request.id = draw(TEXT)
     for name in draw(OUTPUT_CHOICES if not malformed else st.lists(TEXT, max_size=5)):
         request.outputs.add(name=name)
-    if malformed and draw(st.booleans()):  # parameters: read by the message path only
-        request.parameters["priority"].int64_param = draw(st.integers(0, 2**40))
-    if malformed and request.inputs and draw(st.booleans()):
-        request.inputs[0].parameters["binary_data_size"].int64_param = 8
+    holders = [request, *request.inputs[:1], *request.outputs[:1]]
+    for holder in draw(st.lists(st.sampled_from(holders), max_size=3)):  # checked, not used
+        parameter = holder.parameters[draw(TEXT)]
+        kind = draw(st.sampled_from(["bool", "int64", "string", "double", "uint64"]))
+        if kind == "bool":
+            parameter.bool_param = draw(st.booleans())  # as perf_analyzer sends
+        elif kind == "string":
+            parameter.string_param = draw(TEXT)
+        elif kind == "double":
+            parameter.double_param = draw(st.floats())
+        else:
+            setattr(parameter, f"{kind}_param", draw(st.integers(0, 2**62)))
     return request.SerializeToString()
 
 
@@ -278,3 +286,26 @@ def test_response_bytes_equal_the_serialised_message(
         [probability], [decision], [()],
     )  # fmt: skip
     assert written == message.SerializeToString()
+
+
+def test_perf_analyzers_request_takes_the_wire_path() -> None:
+    """perf_analyzer's ModelInfer: a request parameter, [1, 1] shapes, raw contents,
+    both outputs named (as captured from perf_analyzer 2.41)."""
+    request = pb.ModelInferRequest(model_name="fraud")
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    values = {"amount": struct.pack("<d", 70.0), "card_country": b"DE", "card_id": b"card-8",
+              "channel": b"atm", "country": b"DE", "currency": b"EUR",
+              "event_time_ms": struct.pack("<q", 0), "mcc": struct.pack("<i", 5995),
+              "merchant_id": b"m-00227", "transaction_id": b"tx-1"}  # fmt: skip
+    for name, value in values.items():
+        spec = next(s for s in INPUTS if s.name == name)
+        request.inputs.add(name=name, datatype=spec.datatype, shape=[1, 1])
+        if spec.datatype == "BYTES":
+            value = struct.pack("<I", len(value)) + value
+        request.raw_input_contents.append(value)
+    request.outputs.add(name="decision")
+    request.outputs.add(name="probability")
+    data = request.SerializeToString()
+    row = read_single_row(data)
+    assert row is not None and _fast_path(row) == _message_path(data)
+    assert row.outputs == ["decision", "probability"] and row.values["mcc"] == 5995
