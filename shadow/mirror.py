@@ -141,6 +141,8 @@ class PairRecorder:
     worker's, in the stats and the segment names, wherever the recorder runs.
     """
 
+    consumes_ring = True  # the mirror thread takes the rows off the ring for it
+
     def __init__(self, worker: int, settings: MirrorSettings, pid: int | None = None) -> None:
         self.worker = worker
         self.settings = settings
@@ -527,10 +529,14 @@ class ShadowMirror:
                 next_poll = now + settings.poll_s
                 self.refresh()
                 self.recorder.publish(self.ring.pending(), self.active)
-            if self.recorder.pump(now):
+            recorder = self.recorder
+            if recorder.pump(now):
                 continue
-            self.recorder.maybe_flush(now)
-            time.sleep(settings.idle_sleep_s)
+            recorder.maybe_flush(now)
+            if recorder.consumes_ring and (self.active or self.ring.pending()):
+                self._stop.wait(settings.idle_sleep_s)
+            else:  # nothing for this thread until the next poll: no wake-ups under load
+                self._stop.wait(max(next_poll - time.monotonic(), 0.0))
 
     def refresh(self) -> None:
         """Apply the control file if it changed (the mirror thread calls this itself)."""

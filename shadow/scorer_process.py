@@ -55,6 +55,8 @@ class ScorerProcess:
     tracing is on.
     """
 
+    consumes_ring = False  # the process does; the mirror thread only supervises it
+
     def __init__(
         self,
         worker: int,
