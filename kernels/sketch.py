@@ -157,20 +157,28 @@ class SketchLayout:
         return counts[self.slot_offsets[index] : self.slot_offsets[index + 1]]
 
 
+PENDING_ROWS = 64  # single requests counted together (one kernel call per 64)
+
+
 class Sketch:
     """Time-bucketed counts of one model version in one worker (not thread-safe: the
-    caller holds a lock or owns it)."""
+    caller holds a lock or owns it).
+
+    Single requests are buffered and counted together, 64 at a time, when their time
+    bucket changes, or before a window is read: a kernel call per request cost more
+    than the counting (readers always see every request added before)."""
 
     def __init__(self, layout: SketchLayout, *, bucket_s: int, buckets: int) -> None:
         self.layout = layout
         self.bucket_s = bucket_s
         self.counts = np.zeros((buckets, layout.total_slots), dtype=np.int64)
         self.bucket_ids = np.full(buckets, -1, dtype=np.int64)  # absolute bucket numbers
-        self._values = np.zeros((1, NUM_COLUMNS), dtype=np.float64)
-        self._flag = np.zeros(1, dtype=np.bool_)
+        self._pending = np.zeros((PENDING_ROWS, NUM_COLUMNS), dtype=np.float64)
+        self._pending_flags = np.zeros(PENDING_ROWS, dtype=np.bool_)
+        self._pending_rows = 0
+        self._pending_bucket = -1
 
-    def _row(self, now_s: float) -> np.ndarray:
-        bucket = int(now_s // self.bucket_s)
+    def _row(self, bucket: int) -> np.ndarray:
         index = bucket % len(self.bucket_ids)
         if self.bucket_ids[index] != bucket:
             self.counts[index] = 0
@@ -181,12 +189,28 @@ class Sketch:
         self, features: np.ndarray, card_country: int, score: float, flagged: bool, now_s: float
     ) -> None:
         """Count one scored request."""
-        values = self._values
-        values[0, :NUM_FEATURES] = features
-        values[0, NUM_FEATURES] = card_country if card_country >= 0 else -1.0
-        values[0, NUM_FEATURES + 1] = score
-        self._flag[0] = flagged
-        self.layout.add(values, self._flag, self._row(now_s))
+        bucket = int(now_s // self.bucket_s)
+        rows = self._pending_rows
+        if rows and bucket != self._pending_bucket:
+            self._count_pending()
+            rows = 0
+        values = self._pending
+        values[rows, :NUM_FEATURES] = features
+        values[rows, NUM_FEATURES] = card_country if card_country >= 0 else -1.0
+        values[rows, NUM_FEATURES + 1] = score
+        self._pending_flags[rows] = flagged
+        self._pending_rows = rows + 1
+        self._pending_bucket = bucket
+        if rows + 1 == PENDING_ROWS:
+            self._count_pending()
+
+    def _count_pending(self) -> None:
+        rows = self._pending_rows
+        if rows:
+            self._pending_rows = 0
+            self.layout.add(
+                self._pending[:rows], self._pending_flags[:rows], self._row(self._pending_bucket)
+            )
 
     def add_many(
         self,
@@ -201,10 +225,12 @@ class Sketch:
         values[:, :NUM_FEATURES] = features
         values[:, NUM_FEATURES] = card_country
         values[:, NUM_FEATURES + 1] = scores
-        self.layout.add(values, np.asarray(flagged, dtype=np.bool_), self._row(now_s))
+        bucket = int(now_s // self.bucket_s)
+        self.layout.add(values, np.asarray(flagged, dtype=np.bool_), self._row(bucket))
 
     def window(self, now_s: float, seconds: float) -> np.ndarray:
         """Counts summed over the buckets of the last ``seconds`` (current one included)."""
+        self._count_pending()
         return window_counts(self.counts, self.bucket_ids, self.bucket_s, now_s, seconds)
 
 

@@ -153,3 +153,25 @@ def test_time_buckets_slide_and_wrap(package) -> None:
     assert requests(75, 1000) == 4
     total = window_counts(sketch.counts, sketch.bucket_ids, 10, 75, 1000)
     assert int(total[-1]) == 1  # the flagged one
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 200))
+def test_buffered_single_rows_count_as_the_reference(package, seed, rows) -> None:
+    """add_one buffers up to PENDING_ROWS rows per bucket; every window sees them all."""
+    layout = SketchLayout(package.profile)
+    sketch = Sketch(layout, bucket_s=10, buckets=50)
+    rng = np.random.default_rng(seed)
+    values = rng.normal(5, 50, size=(rows, NUM_COLUMNS))
+    values[:, NUM_FEATURES] = rng.integers(0, 60, rows)
+    flagged = rng.random(rows) < 0.1
+    times = np.sort(rng.uniform(0, 300, rows))
+    for row, flag, moment in zip(values, flagged, times, strict=True):
+        sketch.add_one(row[:NUM_FEATURES], int(row[NUM_FEATURES]), row[-1], bool(flag), moment)
+    np.testing.assert_array_equal(
+        sketch.window(300, 400), reference_counts(layout, values, flagged)
+    )
+    late = times >= 200  # buckets 20..29: the last 100 s
+    np.testing.assert_array_equal(
+        sketch.window(299, 100), reference_counts(layout, values[late], flagged[late])
+    )
