@@ -14,7 +14,7 @@ from riskwire import __version__
 from riskwire.protos import inference_pb2 as pb
 from riskwire.protos import inference_pb2_grpc
 
-from ..dataplane import BATCH_COLUMNS, DataPlane
+from ..dataplane import DataPlane
 from ..errors import InvalidInputError, ModelNotFoundError, clip
 from ..registry import ModelRuntime
 from ..request_log import CALL
@@ -156,14 +156,14 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def _score_single(
         self, model: ModelRuntime, values: dict, request_id: str, route: bool
     ) -> tuple[list, list, list, ModelRuntime]:
-        """One row given as scalars (every column of BATCH_COLUMNS and transaction_id)."""
+        """One row given as scalars: exactly the columns of BATCH_COLUMNS and
+        transaction_id, by name."""
         outcome = self._dataplane.score_one(
             model,
-            **{name: values[name] for name in BATCH_COLUMNS},
+            **values,
             top_reasons=0,
             field_prefix="row 0: input ",
             request_id=request_id,
-            transaction_id=values["transaction_id"],
             route=route,
         )
         return [outcome.probability], [outcome.decision], [outcome.flags], outcome.model or model
