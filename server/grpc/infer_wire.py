@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,21 +41,25 @@ _SPEC = wire.reader_spec(
     np.array([[name in spec.accepted for name in _DATATYPE_NAMES] for spec in INPUTS]),
     *(list(column) for column in list(zip(*_DATATYPES, strict=True))[1:]),
 )
-# Per input, in INPUTS order: (name, base slot, unpacker per datatype, float result?).
+# Per input, in INPUTS order: (name, unpacker per datatype, float result?).
 _READERS = tuple(
     (
         spec.name,
-        wire.INPUTS_AT + wire.INPUT_SLOTS * index,
         tuple(_SCALAR_FORMATS.get(name) for name in _DATATYPE_NAMES),
         spec.datatype == "FP64",
     )
-    for index, spec in enumerate(INPUTS)
+    for spec in INPUTS
 )
 
 
 class _Result(threading.local):
+    """The kernel's result array of this thread, and views of its parts."""
+
     def __init__(self) -> None:
         self.out = np.zeros(wire.result_size(len(INPUTS)), np.int64)
+        self.header = self.out[: wire.INPUTS_AT]
+        inputs_end = wire.INPUTS_AT + wire.INPUT_SLOTS * len(INPUTS)
+        self.inputs = self.out[wire.INPUTS_AT : inputs_end].reshape(len(INPUTS), wire.INPUT_SLOTS)
 
 
 _result = _Result()
@@ -76,14 +81,15 @@ def read_single_row(raw: bytes) -> SingleRow | None:
     """The request's row when it is a well-formed one-row request of the raw inputs
     (the same values :func:`tensors.decode_single_row` reads from the parsed message),
     or None: then parse it with protobuf."""
-    out = _result.out
-    if wire.read_one_row(raw, out, _SPEC):
+    result = _result
+    if wire.read_one_row(raw, result.out, _SPEC):
         return None
-    slots = out.tolist()
+    slots = result.header.tolist()
     values: dict[str, object] = {}
     try:
-        for name, base, unpackers, is_float in _READERS:
-            order, datatype, kind, at, size, value = slots[base : base + wire.INPUT_SLOTS]
+        for (name, unpackers, is_float), (order, datatype, kind, at, size, value) in zip(
+            _READERS, result.inputs.tolist(), strict=True
+        ):
             if order < 0:
                 continue
             if kind == wire.ELEMENT:
@@ -144,23 +150,27 @@ def _delimited(field: int, data: bytes) -> bytes:
 _PROBABILITY = struct.Struct("<d")
 _DECISION_LENGTH = struct.Struct("<I")
 _RAW_PROBABILITY = _key(6, wire.LENGTH) + _varint(8)  # raw_output_contents: 8 bytes
+_ID_KEY = _key(3, wire.LENGTH)
+_SMALL = tuple(bytes([n]) for n in range(0x80))  # one-byte varints
 _OUTPUT_TYPES = {"probability": "FP64", "decision": "BYTES"}
 
 
 class ResponseWriter:
     """ModelInferResponse bytes of one-row answers: the parts that depend only on the
-    model version, the requested outputs and the shape are encoded once."""
+    model version, the requested outputs and the shape, and each decision's output
+    content, are encoded once."""
 
     def __init__(self) -> None:
         self._heads: dict[tuple[str, str], bytes] = {}
         self._outputs: dict[tuple[tuple[str, ...], bool], bytes] = {}
+        self._decisions: dict[str, bytes] = {}
 
     def write(
         self,
         model_name: str,
         model_version: str,
         request_id: str,
-        outputs: tuple[str, ...] | list[str],
+        outputs: Sequence[str],
         two_dims: bool,
         probability: float,
         decision: str,
@@ -173,19 +183,24 @@ class ResponseWriter:
         tensors = self._outputs.get(key)
         if tensors is None:
             tensors = self._outputs[key] = _output_tensors(*key)
-        parts = [head, _delimited(3, request_id.encode()), tensors]
+        encoded_id = request_id.encode()
+        size = len(encoded_id)
+        parts = [head, _ID_KEY, _SMALL[size] if size < 0x80 else _varint(size), encoded_id, tensors]
         for name in key[0]:
             if name == "probability":
                 parts += (_RAW_PROBABILITY, _PROBABILITY.pack(probability))
             else:
-                encoded = decision.encode()
-                parts += (
-                    _key(6, wire.LENGTH),
-                    _varint(len(encoded) + 4),
-                    _DECISION_LENGTH.pack(len(encoded)),
-                    encoded,
-                )
+                content = self._decisions.get(decision)
+                if content is None:
+                    content = self._decisions[decision] = _decision_content(decision)
+                parts.append(content)
         return b"".join(parts)
+
+
+def _decision_content(decision: str) -> bytes:
+    """The raw_output_contents entry of a decision: a 4-byte length, then the bytes."""
+    encoded = decision.encode()
+    return _delimited(6, _DECISION_LENGTH.pack(len(encoded)) + encoded)
 
 
 def _head(model_name: str, model_version: str) -> bytes:
