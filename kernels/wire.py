@@ -111,6 +111,25 @@ def _length(buf, pos, end):  # noqa: ANN001, ANN202
 
 
 @njit(cache=True, nogil=True)
+def _next_field(buf, pos, end, known):  # noqa: ANN001, ANN202
+    """The next field numbered 1..``known`` from ``pos``, skipping any other as protobuf
+    does: (status, field number, wire type, position after its key); field 0 when none
+    is left."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field = key >> 3
+        if pos < 0 or field < 1 or field > MAX_FIELD:
+            return MALFORMED, 0, 0, -1
+        wire = key & 7
+        if field <= known:
+            return READ, field, wire, pos
+        pos = _skip(buf, pos, end, wire)
+        if pos < 0:
+            return MALFORMED, 0, 0, -1
+    return READ, 0, 0, end
+
+
+@njit(cache=True, nogil=True)
 def _find(buf, start, stop, table, starts):  # noqa: ANN001, ANN202
     """Index of ``buf[start:stop]`` among the table's strings, or -1."""
     size = stop - start
@@ -153,18 +172,10 @@ def _text(out, start, stop):  # noqa: ANN001, ANN202
 def _parameter(buf, at, to, out):  # noqa: ANN001, ANN202
     """Check an InferParameter (bool 1, int64 2, string 3, double 4, uint64 5)."""
     pos = at
-    while pos < to:
-        key, pos = _varint(buf, pos, to)
-        if pos < 0:
-            return MALFORMED
-        field, wire = key >> 3, key & 7
-        if field < 1 or field > MAX_FIELD:
-            return MALFORMED
-        if field > 5:
-            pos = _skip(buf, pos, to, wire)
-            if pos < 0:
-                return MALFORMED
-            continue
+    while True:
+        status, field, wire, pos = _next_field(buf, pos, to, 5)
+        if status != READ or field == 0:
+            return status
         if wire != (LENGTH if field == 3 else (FIXED64 if field == 4 else VARINT)):
             return UNUSUAL
         if field == 3:
@@ -178,7 +189,6 @@ def _parameter(buf, at, to, out):  # noqa: ANN001, ANN202
             pos = _skip(buf, pos, to, wire)
             if pos < 0:
                 return MALFORMED
-    return READ
 
 
 @njit(cache=True, nogil=True)
@@ -186,18 +196,10 @@ def _parameters(buf, at, to, out):  # noqa: ANN001, ANN202
     """Check one entry of a ``map<string, InferParameter>`` as protobuf would (its
     strings are noted for the caller's UTF-8 check); the values are not used."""
     pos = at
-    while pos < to:
-        key, pos = _varint(buf, pos, to)
-        if pos < 0:
-            return MALFORMED
-        field, wire = key >> 3, key & 7
-        if field < 1 or field > MAX_FIELD:
-            return MALFORMED
-        if field > 2:
-            pos = _skip(buf, pos, to, wire)
-            if pos < 0:
-                return MALFORMED
-            continue
+    while True:
+        status, field, wire, pos = _next_field(buf, pos, to, 2)
+        if status != READ or field == 0:
+            return status
         if wire != LENGTH:
             return UNUSUAL
         start, stop = _length(buf, pos, to)
@@ -207,7 +209,30 @@ def _parameters(buf, at, to, out):  # noqa: ANN001, ANN202
         status = _text(out, start, stop) if field == 1 else _parameter(buf, start, stop, out)
         if status != READ:
             return status
-    return READ
+
+
+@njit(cache=True, nogil=True)
+def _output(buf, at, to, out):  # noqa: ANN001, ANN202
+    """Read an InferRequestedOutputTensor: (status, name start, name stop); the last
+    name counts, as in protobuf (-1, -1: none); its parameters are checked."""
+    name_at = name_to = -1
+    pos = at
+    while True:
+        status, field, wire, pos = _next_field(buf, pos, to, 2)
+        if status != READ or field == 0:
+            return status, name_at, name_to
+        if wire != LENGTH:
+            return UNUSUAL, -1, -1
+        start, stop = _length(buf, pos, to)
+        if start < 0:
+            return MALFORMED, -1, -1
+        pos = stop
+        if field == 1:
+            name_at, name_to = start, stop
+        else:
+            status = _parameters(buf, start, stop, out)
+            if status != READ:
+                return status, -1, -1
 
 
 @njit(cache=True, nogil=True)
@@ -218,13 +243,12 @@ def _tensor(buf, start, stop, out, count, names, name_starts, types, type_starts
     dims = 0
     dim0 = dim1 = -1
     pos = start
-    while pos < stop:
-        key, pos = _varint(buf, pos, stop)
-        if pos < 0:
-            return MALFORMED
-        field, wire = key >> 3, key & 7
-        if field < 1 or field > MAX_FIELD:
-            return MALFORMED
+    while True:
+        status, field, wire, pos = _next_field(buf, pos, stop, 5)
+        if status != READ:
+            return status
+        if field == 0:
+            break
         if field == 1 or field == 2 or field == 5:
             if wire != LENGTH:
                 return UNUSUAL
@@ -266,7 +290,7 @@ def _tensor(buf, start, stop, out, count, names, name_starts, types, type_starts
                 if wire == VARINT:
                     pos = at
                     break
-        elif field == 4:  # parameters
+        else:  # parameters
             if wire != LENGTH:
                 return UNUSUAL
             at, to = _length(buf, pos, stop)
@@ -276,10 +300,6 @@ def _tensor(buf, start, stop, out, count, names, name_starts, types, type_starts
             status = _parameters(buf, at, to, out)
             if status != READ:
                 return status
-        else:
-            pos = _skip(buf, pos, stop, wire)
-            if pos < 0:
-                return MALFORMED
     if name_at < 0:
         return UNKNOWN_INPUT
     index = _find(buf, name_at, name_to, names, name_starts)
@@ -308,20 +328,14 @@ def _contents(buf, at, to, field, width, out, base, low, high):  # noqa: ANN001,
     is 0 for bytes, 4 / 8 for fixed, -1 / -2 / -3 for int32 / uint32 / int64 varints."""
     elements = 0
     pos = at
-    while pos < to:
-        key, pos = _varint(buf, pos, to)
-        if pos < 0:
-            return MALFORMED
-        number, wire = key >> 3, key & 7
-        if number < 1 or number > MAX_FIELD:
-            return MALFORMED
+    while True:
+        status, number, wire, pos = _next_field(buf, pos, to, 8)
+        if status != READ:
+            return status
+        if number == 0:
+            break
         if number != field:
-            if number <= 8:
-                return UNUSUAL  # another kind of contents too (protobuf checks it)
-            pos = _skip(buf, pos, to, wire)
-            if pos < 0:
-                return MALFORMED
-            continue
+            return UNUSUAL  # another kind of contents too (protobuf checks it)
         if width == 0:  # bytes: one element per occurrence
             if wire != LENGTH:
                 return UNUSUAL
@@ -428,24 +442,13 @@ def read_one_row(buf, out, spec):  # noqa: ANN001, ANN201
     end = len(buf)
     pos = 0
     status = READ
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        if pos < 0:
-            status = MALFORMED
+    while True:
+        status, field, wire, pos = _next_field(buf, pos, end, 7)
+        if status != READ or field == 0:
             break
-        field, wire = key >> 3, key & 7
-        if field < 1 or field > MAX_FIELD:
-            status = MALFORMED
-            break
-        if field <= 7 and wire != LENGTH:
+        if wire != LENGTH:
             status = UNUSUAL  # a mistyped field: protobuf's to judge
             break
-        if field > 7:  # unknown: skipped, as protobuf skips it
-            pos = _skip(buf, pos, end, wire)
-            if pos < 0:
-                status = MALFORMED
-                break
-            continue
         at, to = _length(buf, pos, end)
         if at < 0:
             status = MALFORMED
@@ -473,34 +476,8 @@ def read_one_row(buf, out, spec):  # noqa: ANN001, ANN201
             if outputs >= MAX_OUTPUTS:
                 status = UNUSUAL
                 break
-            name_at, name_to, inner = -1, -1, at
-            while inner < to:
-                inner_key, inner = _varint(buf, inner, to)
-                if inner < 0 or inner_key >> 3 < 1 or inner_key >> 3 > MAX_FIELD:
-                    inner = -1
-                    break
-                if inner_key == (1 << 3 | LENGTH):
-                    name_at, name_to = _length(buf, inner, to)
-                    inner = name_to
-                elif inner_key == (2 << 3 | LENGTH):  # parameters
-                    start, stop = _length(buf, inner, to)
-                    if start < 0:
-                        inner = -1
-                        break
-                    inner = stop
-                    checked = _parameters(buf, start, stop, out)
-                    if checked != READ:
-                        inner = -1 if checked == MALFORMED else -2
-                        break
-                elif inner_key >> 3 <= 2:
-                    inner = -2  # a mistyped field: protobuf's to judge
-                    break
-                else:
-                    inner = _skip(buf, inner, to, inner_key & 7)
-                if inner < 0:
-                    break
-            if inner < 0:
-                status = UNUSUAL if inner == -2 else MALFORMED
+            status, name_at, name_to = _output(buf, at, to, out)
+            if status != READ:
                 break
             out[OUTPUTS_AT + 2 * outputs] = max(name_at, 0)
             out[OUTPUTS_AT + 2 * outputs + 1] = name_to - name_at if name_at >= 0 else 0
