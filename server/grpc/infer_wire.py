@@ -21,7 +21,7 @@ import numpy as np
 
 from riskwire.kernels import wire
 
-from .tensors import _REQUIRED_INPUTS, _SCALAR_FORMATS, INPUTS, OUTPUT_NAMES
+from .tensors import INPUTS, OUTPUT_NAMES, REQUIRED_INPUTS, SCALAR_FORMATS
 
 # Datatypes in the order of the kernel's tables: name, InferTensorContents field,
 # raw width (0 = BYTES) and the range of typed integers.
@@ -45,7 +45,7 @@ _SPEC = wire.reader_spec(
 _READERS = tuple(
     (
         spec.name,
-        tuple(_SCALAR_FORMATS.get(name) for name in _DATATYPE_NAMES),
+        tuple(SCALAR_FORMATS.get(name) for name in _DATATYPE_NAMES),
         spec.datatype == "FP64",
     )
     for spec in INPUTS
@@ -110,7 +110,7 @@ def read_single_row(raw: bytes) -> SingleRow | None:
             outputs.append(raw[at : at + size].decode())
     except UnicodeDecodeError:
         return None
-    if not _REQUIRED_INPUTS.issubset(values):
+    if not REQUIRED_INPUTS.issubset(values):
         return None
     values.setdefault("event_time_ms", 0)
     values.setdefault("transaction_id", "")

@@ -199,13 +199,13 @@ def decode_inputs(request, max_rows: int) -> tuple[dict[str, object], int]:  # n
     return columns, rows
 
 
-_SCALAR_FORMATS = {
+SCALAR_FORMATS = {
     name: struct.Struct(code) for name, code in (
         ("FP64", "<d"), ("FP32", "<f"), ("INT64", "<q"), ("INT32", "<i"), ("INT16", "<h"),
         ("UINT16", "<H"),
     )
 }  # fmt: skip
-_REQUIRED_INPUTS = frozenset(spec.name for spec in INPUTS if not spec.optional)
+REQUIRED_INPUTS = frozenset(spec.name for spec in INPUTS if not spec.optional)
 
 
 def decode_single_row(request) -> dict[str, object] | None:  # noqa: ANN001
@@ -233,7 +233,7 @@ def decode_single_row(request) -> dict[str, object] | None:  # noqa: ANN001
                     return None
                 value: object = raw[4:]
             else:
-                scalar = _SCALAR_FORMATS[datatype]
+                scalar = SCALAR_FORMATS[datatype]
                 if len(raw) != scalar.size:
                     return None
                 value = scalar.unpack(raw)[0]
@@ -256,7 +256,7 @@ def decode_single_row(request) -> dict[str, object] | None:  # noqa: ANN001
         else:
             value = int(value)  # type: ignore[call-overload]
         values[name] = value
-    if not _REQUIRED_INPUTS.issubset(values):
+    if not REQUIRED_INPUTS.issubset(values):
         return None
     values.setdefault("event_time_ms", 0)
     values.setdefault("transaction_id", "")
