@@ -227,3 +227,23 @@ def test_workers_with_redis_card_state_keep_every_call_in_the_pool(
         assert not _call(channel, "/t.T/Name").decode().startswith(POOL_PREFIX)
     finally:
         dispatch.configure(LIMIT)
+
+
+def test_call_done_runs_each_callback_once_whoever_comes_first() -> None:
+    """grpc adds its callback while the call may already be finishing on a pool thread:
+    added before or after set_result, each callback runs exactly once."""
+    early, late = [], []
+    done = dispatch.CallDone()
+    done.add_done_callback(early.append)
+    assert not done.done() and early == []
+    done.set_result(None)
+    done.add_done_callback(late.append)
+    assert done.done() and early == [done] and late == [done]
+    for _ in range(200):  # the race itself
+        calls: list[dispatch.CallDone] = []
+        racing = dispatch.CallDone()
+        setter = threading.Thread(target=racing.set_result, args=(None,))
+        setter.start()
+        racing.add_done_callback(calls.append)
+        setter.join()
+        assert calls == [racing]
