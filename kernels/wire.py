@@ -93,7 +93,7 @@ def _skip(buf, pos, end, wire):  # noqa: ANN001, ANN202
         pos += 4
     elif wire == LENGTH:
         size, pos = _varint(buf, pos, end)
-        if pos < 0 or size < 0:
+        if pos < 0 or size < 0 or size > end - pos:  # (no overflow on huge sizes)
             return -1
         pos += size
     else:
@@ -105,7 +105,7 @@ def _skip(buf, pos, end, wire):  # noqa: ANN001, ANN202
 def _length(buf, pos, end):  # noqa: ANN001, ANN202
     """(start, stop) of a length-delimited value at ``pos``; start -1: malformed."""
     size, pos = _varint(buf, pos, end)
-    if pos < 0 or size < 0 or pos + size > end:
+    if pos < 0 or size < 0 or size > end - pos:  # (no overflow on huge sizes)
         return -1, -1
     return pos, pos + size
 

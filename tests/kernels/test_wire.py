@@ -59,3 +59,14 @@ def test_empty_buffer_is_not_a_row() -> None:
     out = np.zeros(wire.result_size(1), np.int64)
     spec = wire.reader_spec(["x"], ["BYTES"], np.ones((1, 1), bool), [8], [0], [0], [0])
     assert wire.read_one_row(b"", out, spec) == wire.NOT_ONE_ROW
+
+
+@given(size=st.integers(2**62, 2**63 - 1))
+def test_huge_lengths_are_malformed_not_wrapped(size: int) -> None:
+    """A length near 2**63 must not wrap the position round to a small number."""
+    data = b"\x0a" + encode_varint(size) + b"xyz"
+    assert wire._length(data, 1, len(data)) == (-1, -1)
+    assert wire._skip(data, 1, len(data), wire.LENGTH) == -1
+    out = np.zeros(wire.result_size(1), np.int64)
+    spec = wire.reader_spec(["x"], ["BYTES"], np.ones((1, 1), bool), [8], [0], [0], [0])
+    assert wire.read_one_row(data, out, spec) == wire.MALFORMED
