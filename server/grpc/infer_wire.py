@@ -41,15 +41,10 @@ _SPEC = wire.reader_spec(
     np.array([[name in spec.accepted for name in _DATATYPE_NAMES] for spec in INPUTS]),
     *(list(column) for column in list(zip(*_DATATYPES, strict=True))[1:]),
 )
-# Per input, in INPUTS order: (name, unpacker per datatype, float result?).
-_READERS = tuple(
-    (
-        spec.name,
-        tuple(SCALAR_FORMATS.get(name) for name in _DATATYPE_NAMES),
-        spec.datatype == "FP64",
-    )
-    for spec in INPUTS
-)
+# Little-endian unpackers by the kernel's datatype index (None for BYTES), and per input
+# in INPUTS order: (name, float result?).
+_UNPACKERS = tuple(SCALAR_FORMATS.get(name) for name in _DATATYPE_NAMES)
+_READERS = tuple((spec.name, spec.datatype == "FP64") for spec in INPUTS)
 
 
 class _Result(threading.local):
@@ -87,7 +82,7 @@ def read_single_row(raw: bytes) -> SingleRow | None:
     slots = result.header.tolist()
     values: dict[str, object] = {}
     try:
-        for (name, unpackers, is_float), (order, datatype, kind, at, size, value) in zip(
+        for (name, is_float), (order, datatype, kind, at, size, value) in zip(
             _READERS, result.inputs.tolist(), strict=True
         ):
             if order < 0:
@@ -96,7 +91,7 @@ def read_single_row(raw: bytes) -> SingleRow | None:
                 values[name] = raw[at : at + size].decode()
                 continue
             if kind == wire.FIXED:
-                value = unpackers[datatype].unpack_from(raw, at)[0]
+                value = _UNPACKERS[datatype].unpack_from(raw, at)[0]
             values[name] = float(value) if is_float else int(value)
         model_name = _text(raw, slots, wire.MODEL_NAME)
         model_version = _text(raw, slots, wire.MODEL_VERSION)
