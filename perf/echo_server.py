@@ -157,6 +157,7 @@ def run_worker(
     cpu: int | None,
     batch_rows: int,
     ready: EventType,
+    workers: int,
 ) -> None:
     """Spawn target: pin, build the canned responses, serve until SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -164,7 +165,12 @@ def run_worker(
         os.sched_setaffinity(0, {cpu})
     import grpc
 
-    from riskwire.server.worker import freeze_startup_heap, grpc_options, polling_thread_dispatch
+    from riskwire.server.worker import (
+        balance_connections,
+        freeze_startup_heap,
+        grpc_options,
+        polling_thread_dispatch,
+    )
 
     polling_thread_dispatch(_DEFAULTS)  # as riskwire's workers do
     server = grpc.server(
@@ -177,6 +183,8 @@ def run_worker(
         print(f"echo worker {worker_id}: cannot listen on {host}:{port}", file=sys.stderr)
         raise SystemExit(3)
     server.start()
+    if _DEFAULTS.balance_connections:
+        balance_connections(port, workers)  # as riskwire's workers do
     freeze_startup_heap()  # as riskwire's workers do
     signal.signal(signal.SIGTERM, lambda signum, frame: server.stop(1.0))
     ready.set()
@@ -205,7 +213,7 @@ def serve(host: str, port: int, workers: int, threads: int, pin: bool, batch_row
     processes = [
         context.Process(
             target=run_worker,
-            args=(i, host, port, threads, cpu, batch_rows, events[i]),
+            args=(i, host, port, threads, cpu, batch_rows, events[i], workers),
             name=f"echo-worker-{i}",
         )
         for i, cpu in enumerate(cpu_plan(workers, pin))

@@ -50,6 +50,9 @@ class Settings:
     # Redis backend, use the pool. 0 = always the pool.
     inline_max_request_bytes: int = 32 * 1024
     pin_workers: bool = True  # pin each worker to its own core when cores >= workers
+    # Hand new connections to the workers in turn instead of by the kernel's hash
+    # (server/balance.py: eBPF on the reuseport group; needs CAP_BPF, else the hash).
+    balance_connections: bool = True
     # GRPC_EXPERIMENTS for the workers unless already set: grpc's older listener accepts
     # connections into the polling thread's own epoll set (one thread hop fewer per call).
     grpc_experiments: str = "-event_engine_listener"

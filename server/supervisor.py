@@ -106,7 +106,12 @@ class Supervisor:
     """Runs the data-plane workers until SIGTERM/SIGINT."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = replace(settings, port=_resolve_port(settings.host, settings.port))
+        # Workers get the concrete port and count (a pinned worker sees one core).
+        self.settings = replace(
+            settings,
+            port=_resolve_port(settings.host, settings.port),
+            workers=settings.worker_count,
+        )
         self._context = multiprocessing.get_context("spawn")
         self._events = self._context.Queue()
         self._stopping = False

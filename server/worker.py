@@ -269,9 +269,12 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([*SERVICE_NAMES, health.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
-    if listen(server, address, settings) == 0:
+    port = listen(server, address, settings)
+    if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     server.start()
+    if settings.balance_connections:
+        balance_connections(port, settings.worker_count)
     # Models are loaded and every kernel compiled and warmed: report SERVING.
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -284,6 +287,21 @@ def _build_server(worker_id, settings, state_name, events, limiter_name):  # noq
         state,
         (mirror, recorder, predictions, request_log, dataplane.review),
     )
+
+
+def balance_connections(port: int, workers: int) -> None:
+    """Hand this port's new connections to the ``workers`` listeners in turn
+    (server/balance.py); where that is not possible the kernel's hash stays."""
+    from .balance import BalanceUnavailable, spread_connections
+
+    if workers < 2:
+        return
+    try:
+        attached = spread_connections(port, workers)
+    except BalanceUnavailable as exc:
+        log.info("new connections spread by the kernel's hash: %s", exc)
+        return
+    log.debug("new connections handed out in turn (%d listeners)", attached)
 
 
 def polling_thread_dispatch(settings: Settings) -> None:
