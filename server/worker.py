@@ -301,7 +301,7 @@ def balance_connections(port: int, workers: int) -> None:
     except BalanceUnavailable as exc:
         log.info("new connections spread by the kernel's hash: %s", exc)
         return
-    log.debug("new connections handed out in turn (%d listeners)", attached)
+    log.debug("new connections handed out in turn (attached to %d listening sockets)", attached)
 
 
 def polling_thread_dispatch(settings: Settings) -> None:

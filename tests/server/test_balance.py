@@ -12,14 +12,20 @@ import pytest
 from riskwire.protos import scoring_pb2, scoring_pb2_grpc
 from riskwire.server import balance
 
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
-def _group(listeners: int) -> list[socket.socket]:
+
+def _group(listeners: int, family: socket.AddressFamily = socket.AF_INET) -> list[socket.socket]:
     """``listeners`` TCP listeners sharing one loopback port with SO_REUSEPORT."""
     group: list[socket.socket] = []
     for _ in range(listeners):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind(("127.0.0.1", group[0].getsockname()[1] if group else 0))
+        try:
+            listener.bind((LOOPBACK[family], group[0].getsockname()[1] if group else 0))
+        except OSError as exc:
+            listener.close()
+            pytest.skip(f"no {family.name} loopback here: {exc}")
         listener.listen(64)
         listener.setblocking(False)
         group.append(listener)
@@ -68,15 +74,19 @@ def test_listening_sockets_finds_listeners_on_the_port_only() -> None:
             s.close()
 
 
-@pytest.mark.parametrize("listeners", [2, 3])
-def test_new_connections_take_turns(listeners: int) -> None:
-    group = _group(listeners)
+@pytest.mark.parametrize(
+    ("listeners", "family"),
+    [(2, socket.AF_INET), (3, socket.AF_INET), (2, socket.AF_INET6)],
+)
+def test_new_connections_take_turns(listeners: int, family: socket.AddressFamily) -> None:
+    group = _group(listeners, family)
     port = group[0].getsockname()[1]
     clients: list[socket.socket] = []
     try:
         # every listener of the group is this process's, so attaching once suffices
         assert _attach_or_skip(port, listeners) == listeners
-        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(4 * listeners)]
+        address = (LOOPBACK[family], port)
+        clients = [socket.create_connection(address) for _ in range(4 * listeners)]
         assert [_accepted(listener) for listener in group] == [4] * listeners
     finally:
         for s in (*group, *clients):
