@@ -12,9 +12,8 @@ workers get 4 and 4 only about a quarter of the time.
 turn: 8 connections over 2 workers are 4 and 4. Each worker attaches it once its server
 listens (the last one attached serves the group; a replacement worker's program starts
 its count again). The counter is read and written without an atomic, so two handshakes
-on two cores at the same instant may take the same turn (that pair is then split
-by one more than the rest).
-While the group holds fewer listeners than workers (one is starting or being
+on two cores at the same instant may take the same turn, and the split is then off by
+one. While the group holds fewer listeners than workers (one is starting or being
 replaced), a turn that names a missing listener falls back to the kernel's hash.
 
 Loading the program needs CAP_BPF (root, in practice, where
