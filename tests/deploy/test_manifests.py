@@ -300,6 +300,7 @@ def test_pod_settings_load_as_the_prod_profile(manifests, pod_env, pod_secrets) 
     assert settings.profile == "prod" and settings.auth and settings.tls_cert
     assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
     assert settings.worker_count == 2 and not settings.pin_workers
+    assert not settings.balance_connections  # needs CAP_BPF, which the pod lacks
     assert settings.state_backend == "redis"
     assert settings.redis_url == "redis://riskwire-redis:6379/0"
     assert settings.api_keys
