@@ -47,7 +47,7 @@ NOTES = (
 
 CSV_FIELDS = (
     "phase", "server", "config", "tool", "protocol", "method", "concurrency", "rate", "repeat",
-    "rps", "p50_ms", "p99_ms", "p999_ms", "errors", "requests", "notes",
+    "rps", "p50_ms", "p99_ms", "p999_ms", "errors", "requests", "server_cpu_us", "notes",
 )  # fmt: skip
 
 
@@ -142,7 +142,8 @@ def format_table(points: Sequence[Point]) -> str:
     """The human-readable table of every point."""
     head = (
         f"{'server':<9} {'config':<29} {'tool':<13} {'proto':<5} {'method':<13} {'load':>9} "
-        f"{'rep':>3} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>6}"
+        f"{'rep':>3} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>6} "
+        f"{'cpu us/req':>10}"
     )
     lines = [head, "-" * len(head)]
     for p in points:
@@ -151,7 +152,8 @@ def format_table(points: Sequence[Point]) -> str:
             f"{p['protocol']:<5} {p['method']:<13} {load_label(p):>9} {p.get('repeat', 0):>3} "
             f"{_fmt(p.get('rps'), 0):>9} "
             f"{_fmt(p.get('p50_ms')):>8} {_fmt(p.get('p99_ms')):>8} "
-            f"{_fmt(p.get('p999_ms')):>9} {p.get('errors', 0):>6}"
+            f"{_fmt(p.get('p999_ms')):>9} {p.get('errors', 0):>6} "
+            f"{_fmt(p.get('server_cpu_us'), 1):>10}"
         )
     return "\n".join(lines)
 

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ class Point:
     requests: int = 0
     repeat: int = 0
     notes: str = ""
+    # CPU of every process of the server under test per request answered, in µs (main
+    # phase; the load generator's CPU is not counted)
+    server_cpu_us: float | None = None
 
     def fail(self, message: str, count: int = 1) -> Point:
         """Count and print an error of this measurement."""
@@ -158,6 +162,21 @@ class Bench:
     out: Path
     points: list[Point] = field(default_factory=list)
     repeat: int = 0  # stamped on every point measured
+    # server name -> CPU seconds of its processes so far (Server.cpu_seconds)
+    cpu: dict[str, Callable[[], float]] = field(default_factory=dict)
+
+    def _cpu_mark(self, server: str) -> tuple[float, float] | None:
+        """(CPU seconds of the server's processes, monotonic seconds) now; None unknown."""
+        cpu = self.cpu.get(server)
+        return None if cpu is None else (cpu(), time.monotonic())
+
+    def _cpu_per_request(self, point: Point, mark: tuple[float, float] | None) -> None:
+        """Set the point's server CPU per request from a mark taken before its run."""
+        now = self._cpu_mark(point.server)
+        if mark is None or now is None or not point.rps or now[1] <= mark[1]:
+            return
+        cores = (now[0] - mark[0]) / (now[1] - mark[1])
+        point.server_cpu_us = round(cores / point.rps * 1e6, 1)
 
     def measure(self, target: Target, phase: str, concurrency: int | None = None,
                 rate: float | None = None, seconds: float | None = None) -> Point:  # fmt: skip
@@ -199,9 +218,11 @@ class Bench:
         if ok_size is None:
             point.fail("not run: the check call fails")
             return
+        mark = None
         for seconds in (self.args.warmup, duration):
             log.unlink(missing_ok=True)  # h2load appends to its log: keep this run's only
             command = self.h2load_args(target, clients, seconds, log, point.rate)
+            mark = self._cpu_mark(target.server)  # the last (measured) run's counts
             try:
                 done = subprocess.run(
                     command, capture_output=True, text=True, timeout=seconds * 3 + 60
@@ -218,6 +239,7 @@ class Bench:
         if not self.args.keep_logs:
             log.unlink(missing_ok=True)
         point.rps, point.errors, point.requests = summary.rps, summary.errors, summary.total
+        self._cpu_per_request(point, mark)
         point.p50_ms, point.p99_ms, point.p999_ms = (
             loadgen.percentile(latencies, q) for q in (50, 99, 99.9)
         )
@@ -242,6 +264,7 @@ class Bench:
             stability_pct=100 if self.args.smoke else 25,  # smoke: plumbing, not stability
         )
         env, timeout = loadgen.perf_analyzer_env(), window_ms * 8 / 1000 + 60
+        mark = self._cpu_mark(target.server)  # every window runs at the same load
         try:
             done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
             output = done.stdout + done.stderr
@@ -255,6 +278,7 @@ class Bench:
             return
         point.rps, point.p50_ms, point.p99_ms = rows[0].rps, rows[0].p50_ms, rows[0].p99_ms
         point.notes = "p99.9 not reported by perf_analyzer"
+        self._cpu_per_request(point, mark)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -499,6 +523,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 else:
                     peer.targets.append(spare)
         idle = {name: idle_cpu(peer.server) for name, peer in peers.items()}
+        bench.cpu = {name: peer.server.cpu_seconds for name, peer in peers.items()}
         names, rate = list(peers), None
         for repeat in range(args.repeat):
             bench.repeat = repeat

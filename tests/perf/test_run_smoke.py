@@ -97,10 +97,25 @@ def test_ratios_take_the_median_over_repeats() -> None:
     assert plot.ratios(points)["echo"]["c=8"] == {"throughput": 2.0, "p99": 0.5}
 
 
+def test_server_cpu_per_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """1.5 CPU seconds over 2 s of wall time at 750 req/s: 1,000 µs per request."""
+    run = importlib.import_module("perf.run")
+    cpu, clock = iter([10.0, 11.5]), iter([100.0, 102.0])
+    monkeypatch.setattr(run.time, "monotonic", lambda: next(clock))
+    bench = run.Bench({}, None, tmp_path, cpu={"riskwire": lambda: next(cpu)})
+    point = run.Point("main", "riskwire", "", "h2load", "grpc", "ModelInfer", 8, rps=750.0)
+    bench._cpu_per_request(point, bench._cpu_mark("riskwire"))
+    assert point.server_cpu_us == 1000.0
+    other = run.Point("main", "echo", "", "h2load", "grpc", "ModelInfer", 8, rps=750.0)
+    bench._cpu_per_request(other, bench._cpu_mark("echo"))  # no CPU reader: left unknown
+    assert other.server_cpu_us is None
+
+
 def test_table_csv_and_labels(tmp_path: Path) -> None:
     points = [_point("riskwire", 1234.5, 2.0), _point("echo", None, None, rate=50.0)]
     text = plot.format_table(points)
     assert "riskwire" in text and "1,234" in text and "rate=50" in text
+    assert "cpu us/req" in text
     assert plot.format_ratios({}) == "(no comparison had both sides measured)"
     plot.write_csv(points, tmp_path / "r.csv")
     lines = (tmp_path / "r.csv").read_text().splitlines()
@@ -176,6 +191,8 @@ def test_run_smoke(models_dir: Path, tmp_path: Path) -> None:
     for p in measured:
         for field in ("rps", "p50_ms", "p99_ms"):
             assert _positive(p[field]), f"{p}\n{output}"
+        assert p["server_cpu_us"] is not None and p["server_cpu_us"] >= 0, p
+    assert any(_positive(p["server_cpu_us"]) for p in measured if p["server"] == "riskwire")
     assert _positive(summary["throughput_ratio_vs_echo"]), output
     assert _positive(summary["p99_ratio_vs_echo"]), output
     if fastapi_peer.installed(summary["versions"]["riskwire_venv"]["lightgbm"]):
