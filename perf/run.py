@@ -77,7 +77,9 @@ class Point:
     repeat: int = 0
     notes: str = ""
     # CPU of every process of the server under test per request answered, in µs (main
-    # phase; the load generator's CPU is not counted)
+    # phase; the load generator's CPU is not counted): CPU ÷ wall time ÷ req/s over the
+    # tool's run, so perf_analyzer's own start-up, counted as wall time, makes it a
+    # little low there
     server_cpu_us: float | None = None
 
     def fail(self, message: str, count: int = 1) -> Point:
