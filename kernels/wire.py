@@ -42,7 +42,7 @@ OUTPUT_COUNT = 7
 OUTPUTS_AT = 8  # (offset, length) of each requested output name
 MAX_OUTPUTS = 4
 FIRST_DIMS = 16  # dimensions of the first input's shape (1 or 2)
-TEXT_COUNT = 17  # strings inside parameters, for the caller to check as UTF-8
+TEXT_COUNT = 17  # unused strings (parameters, replaced names) to check as UTF-8
 TEXTS_AT = 24  # (offset, length) of each
 MAX_TEXTS = 12
 INPUTS_AT = TEXTS_AT + 2 * MAX_TEXTS
@@ -228,6 +228,10 @@ def _output(buf, at, to, out):  # noqa: ANN001, ANN202
             return MALFORMED, -1, -1
         pos = stop
         if field == 1:
+            if name_at >= 0:  # protobuf checks the UTF-8 of the name replaced too
+                status = _text(out, name_at, name_to)
+                if status != READ:
+                    return status, -1, -1
             name_at, name_to = start, stop
         else:
             status = _parameters(buf, start, stop, out)
@@ -460,6 +464,10 @@ def read_one_row(buf, out, spec):  # noqa: ANN001, ANN201
                 break
         elif field <= 3:  # model_name, model_version, id: the last one counts
             slot = MODEL_NAME if field == 1 else (MODEL_VERSION if field == 2 else REQUEST_ID)
+            if out[slot + 1] >= 0:  # protobuf checks the UTF-8 of the one replaced too
+                status = _text(out, out[slot], out[slot] + out[slot + 1])
+                if status != READ:
+                    break
             out[slot] = at
             out[slot + 1] = to - at
         elif field == 5:

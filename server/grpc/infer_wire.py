@@ -96,7 +96,7 @@ def read_single_row(raw: bytes) -> SingleRow | None:
         model_name = _text(raw, slots, wire.MODEL_NAME)
         model_version = _text(raw, slots, wire.MODEL_VERSION)
         request_id = _text(raw, slots, wire.REQUEST_ID)
-        for index in range(slots[wire.TEXT_COUNT]):  # strings inside parameters
+        for index in range(slots[wire.TEXT_COUNT]):  # unused strings protobuf checks too
             at, size = slots[wire.TEXTS_AT + 2 * index : wire.TEXTS_AT + 2 * index + 2]
             raw[at : at + size].decode()
         outputs = []

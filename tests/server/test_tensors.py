@@ -263,6 +263,28 @@ def test_wire_reader_leaves_the_unusual_to_protobuf(extra: bytes) -> None:
     assert read_single_row(data + extra) is None
 
 
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [
+        (_field(2, 2, b"\x80"), _field(2, 2, b"1")),  # model_version
+        (_field(3, 2, b"\xc3"), _field(3, 2, b"req-1")),  # id
+        (_field(6, 2, _field(1, 2, b"\xff") + _field(1, 2, b"decision")), b""),  # an output name
+    ],
+)
+def test_a_replaced_string_is_checked_as_protobuf_checks_it(first: bytes, last: bytes) -> None:
+    """The last of a field given twice counts, but protobuf rejects the message when the
+    one it replaced is not UTF-8 (found by the mutation test)."""
+    data = _field(1, 2, b"fraud") + b"".join(_text_tensor(n, v) for n, v in REQUIRED_TEXT.items())
+    data += _tensor("mcc", "INT32", _field(3, 2, b"\x01"), _field(2, 0, _varint(1)))
+    data += _tensor("amount", "FP64", _field(3, 2, b"\x01"), _field(7, 2, bytes(8)))
+    valid = first.replace(b"\x80", b"2").replace(b"\xc3", b"r").replace(b"\xff", b"p")
+    row = read_single_row(data + valid + last)
+    assert row is not None and _fast_path(row) == _message_path(data + valid + last)
+    with pytest.raises(DecodeError):
+        pb.ModelInferRequest.FromString(data + first + last)
+    assert read_single_row(data + first + last) is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     name=st.sampled_from(["fraud", "Ω"]),
