@@ -105,13 +105,60 @@ def _served(predictions: pa.Table) -> set[tuple[str, str]]:
     return set(zip(pairs["model"].to_pylist(), pairs["version"].to_pylist(), strict=True))
 
 
+SegmentSummary = tuple[datetime | None, frozenset[tuple[str, str]]]
+
+
 @functools.lru_cache(maxsize=1 << 16)
-def _segment_served(path: Path) -> tuple[datetime | None, frozenset[tuple[str, str]]]:
+def _segment_served(path: Path) -> SegmentSummary:
     """Latest row time and served versions of one prediction segment (segments never
-    change once written, so each is read once per process)."""
+    change once written, so each is read once per process). A segment of one version
+    is summed up by its footer's column statistics, without reading its rows: after a
+    restart the supervisor meets a whole window of segments at once."""
+    summary = _summary_from_statistics(pq.read_metadata(path))
+    if summary is not None:
+        return summary
     table = pq.read_table(path, columns=list(SERVED_COLUMNS))
     latest = pc.max(table["time"]).as_py() if table.num_rows else None
     return latest, frozenset(_served(table))
+
+
+def _summary_from_statistics(metadata: pq.FileMetaData) -> SegmentSummary | None:
+    """What :func:`_segment_served` returns, from the row groups' min/max statistics;
+    None when they cannot tell (a row group of several versions, a null, a missing or
+    inexact statistic): then the rows are read."""
+    names = metadata.schema.names
+    if any(name not in names for name in SERVED_COLUMNS):
+        return None
+    latest: datetime | None = None
+    pairs: set[tuple[str, str]] = set()
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        if row_group.num_rows == 0:
+            continue
+        stats = [row_group.column(names.index(name)).statistics for name in SERVED_COLUMNS]
+        if not all(_exact(s) for s in stats):
+            return None
+        time_stats, model, version = stats
+        if model.min != model.max or version.min != version.max:
+            return None
+        newest = time_stats.max
+        if not isinstance(newest, datetime) or newest.tzinfo is None:
+            return None
+        pairs.add((model.min, version.min))
+        latest = newest if latest is None else max(latest, newest)
+    return latest, frozenset(pairs)
+
+
+def _exact(stats: pq.Statistics | None) -> bool:
+    """Whether a column chunk's statistics give its true min and max and it has no null."""
+    return (
+        stats is not None
+        and stats.has_min_max
+        and stats.has_null_count
+        and stats.null_count == 0
+        and getattr(stats, "is_min_value_exact", True) is not False
+        and getattr(stats, "is_max_value_exact", True) is not False
+    )
 
 
 def served_since(predictions_dir: Path, since: datetime) -> set[tuple[str, str]]:

@@ -409,3 +409,65 @@ def test_live_performance_without_labels_reads_only_the_served_versions(tmp_path
     }
     assert len(rows) == 4 * len(MEASURES)
     assert all(math.isnan(r["value"]) and r["count"] == 0 for r in rows)
+
+
+def _prediction_segment(path, rows: list[tuple], **options) -> None:  # noqa: ANN001
+    """A prediction-log segment of (seconds ago, model, version) rows."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from riskwire.shadow.records import PREDICTION_SCHEMA
+
+    now = time.time()
+    values = {name: [None] * len(rows) for name in PREDICTION_SCHEMA.names}
+    values["time"] = [datetime.fromtimestamp(now - ago, UTC) for ago, _, _ in rows]
+    values["model"] = [model for _, model, _ in rows]
+    values["version"] = [version for _, _, version in rows]
+    pq.write_table(pa.table(values, schema=PREDICTION_SCHEMA), path, **options)
+
+
+def _served_from_rows(path) -> tuple:  # noqa: ANN001
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["time", "model", "version"])
+    pairs = set(zip(table["model"].to_pylist(), table["version"].to_pylist(), strict=True))
+    return pc.max(table["time"]).as_py(), frozenset(pairs)
+
+
+@pytest.mark.parametrize(
+    ("rows", "options", "from_footer"),
+    [
+        ([(60, "fraud", "1"), (5, "fraud", "1"), (30, "fraud", "1")], {}, True),
+        # several row groups of one version: the newest time over all of them
+        (
+            [(50, "fraud", "2"), (40, "fraud", "2"), (3, "fraud", "2"), (70, "fraud", "2")],
+            {"row_group_size": 2},
+            True,
+        ),
+        ([(60, "fraud", "1"), (5, "fraud", "2")], {}, False),  # two versions: rows read
+        ([(60, "fraud", "1"), (5, "other", "1")], {}, False),
+        ([(60, "fraud", "1"), (5, None, None)], {}, False),  # a null: rows read
+        ([(60, "fraud", "1")], {"write_statistics": False}, False),
+    ],
+)
+def test_a_segment_of_one_version_is_summed_up_from_its_footer(
+    tmp_path, monkeypatch, rows, options, from_footer
+) -> None:
+    """The supervisor's summary of a segment (newest time, versions served) is the same
+    from the footer's statistics as from the rows; rows are read only when the footer
+    cannot tell."""
+    import pyarrow.parquet as pq
+
+    from riskwire.server.monitoring import performance
+
+    path = tmp_path / "segment.parquet"
+    _prediction_segment(path, rows, **options)
+    expected = _served_from_rows(path)
+    reads = []
+    read_table = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: reads.append(a) or read_table(*a, **k))
+    assert performance._segment_served.__wrapped__(path) == expected
+    assert (not reads) is from_footer
