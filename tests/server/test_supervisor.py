@@ -160,7 +160,8 @@ def test_workers_exit_when_supervisor_is_killed(start_server, models_dir) -> Non
     try:
         server.process.send_signal(signal.SIGKILL)
         server.wait_exit(30)
-        survivors = wait_until_gone(workers, 10)
+        # PDEATHSIG sends each worker SIGTERM: the same drain as a supervisor's stop.
+        survivors = wait_until_gone(workers, DRAIN_BOUND_S)
         assert not survivors, f"orphaned workers {sorted(survivors)} still running"
     finally:
         for pid in workers:
