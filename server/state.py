@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -25,6 +26,19 @@ from riskwire.kernels.features import compute_features, peek_features
 from riskwire.kernels.state import HDR_LOCK, CardStateTable, SnapshotError
 
 log = logging.getLogger(__name__)
+
+
+SNAPSHOT_CHUNK_SLOTS = 1024  # slots copied per hold of the lock (~256 KB of state)
+
+
+@contextlib.contextmanager
+def _locked(header: np.ndarray, owner: int) -> Iterator[None]:
+    """Hold the table's lock (as ``owner``) for the block."""
+    spin_lock(header, HDR_LOCK, owner)
+    try:
+        yield
+    finally:
+        spin_unlock(header, HDR_LOCK)
 
 
 class SharedCardState:
@@ -76,20 +90,38 @@ class SharedCardState:
         return peek_features(self.table, tx, out)
 
     def snapshot(self, path: Path) -> None:
-        """Consistent snapshot: copy under the table's lock, write (atomically) outside it."""
+        """Snapshot to ``path`` (atomically), copied :data:`SNAPSHOT_CHUNK_SLOTS` slots at
+        a time, each chunk under the table's lock: a worker waits for one chunk (~0.1 ms
+        once the table's pages are in memory) at most. Copied whole under one hold, the
+        default 268 MB table kept every worker waiting 17-390 ms per snapshot.
+
+        Every slot is copied whole, but chunks at different moments: a card a worker
+        changes meanwhile is saved as it was before or after that change. A card
+        inserted meanwhile may be missing (as if it came after the snapshot), or, when
+        its probe passed a slot the copy had already taken while empty, saved where no
+        lookup reaches it after a restore: then it starts over, as a new card would."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if self._snapshot_buffer is None:
             # Allocated and faulted in once, outside the lock: copying into fresh pages
             # under the lock stalled every worker for up to a second per snapshot.
             self._snapshot_buffer = np.ones(self.table.nbytes, dtype=np.uint8)
+            self._snapshot_buffer[:] = 0  # alignment padding as in the table
         copy = self._snapshot_buffer
-        header = self.table.header
-        spin_lock(header, HDR_LOCK, os.getpid())
-        try:
-            copy[:] = np.frombuffer(self._memory.buf, dtype=np.uint8, count=self.table.nbytes)
-        finally:
-            spin_unlock(header, HDR_LOCK)
-        CardStateTable.attach(copy).snapshot(path)
+        source = self.table
+        header = source.header
+        owner = os.getpid()
+        with _locked(header, owner):  # the header first: it formats the copy
+            copy[: header.nbytes] = header.view(np.uint8)
+        target = CardStateTable.attach(copy)
+        capacity = len(source.keys)
+        for start in range(0, capacity, SNAPSHOT_CHUNK_SLOTS):
+            end = min(start + SNAPSHOT_CHUNK_SLOTS, capacity)
+            with _locked(header, owner):
+                for mine, theirs in zip(target.arrays[1:], source.arrays[1:], strict=True):
+                    mine[start:end] = theirs[start:end]
+        with _locked(header, owner):  # counters as of the last chunk
+            target.header[:] = header
+        target.snapshot(path)
 
     def break_lock_of(self, pid: int) -> bool:
         """Free the table lock if process ``pid`` (dead) still holds it."""

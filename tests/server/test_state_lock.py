@@ -80,3 +80,87 @@ def test_lock_of_a_dead_owner_is_broken_and_state_usable_again() -> None:
         assert state.table.header[HDR_LOCK] == 0
     finally:
         state.close()
+
+
+def cards(ids: list[str], time_ms: int):
+    """One transaction of each card, at ``time_ms``."""
+    n = len(ids)
+    return encode_columns({
+        "card_id": ids, "merchant_id": ["m"] * n, "mcc": [5411] * n, "amount": [2.5] * n,
+        "currency": ["EUR"] * n, "country": ["DE"] * n, "card_country": ["DE"] * n,
+        "channel": ["pos"] * n, "event_time": np.full(n, time_ms, dtype=np.int64),
+    })  # fmt: skip
+
+
+def record_of(table, key: int):  # noqa: ANN001, ANN201
+    """A card's whole state (None when the table does not hold it)."""
+    slot = table.find(key)
+    return None if slot < 0 else table.records(np.array([slot]))[0].tobytes()
+
+
+def test_snapshot_holds_the_lock_for_one_chunk_at_a_time(tmp_path, monkeypatch) -> None:
+    """The snapshot copies the table a chunk of slots per hold of the lock (workers wait
+    for one chunk at most) and restores to the same table."""
+    from riskwire.kernels.state import CardStateTable
+    from riskwire.server import state as state_module
+
+    monkeypatch.setattr(state_module, "SNAPSHOT_CHUNK_SLOTS", 128)
+    holds, lock = [], state_module.spin_lock
+    monkeypatch.setattr(state_module, "spin_lock", lambda *a: holds.append(1) or lock(*a))
+    state = SharedCardState.create(1024)
+    try:
+        state.update(cards([f"card-{i}" for i in range(300)], 1_000), np.empty((300, 23)))
+        state.snapshot(tmp_path / "cards.snapshot")
+        assert len(holds) == 1024 // 128 + 2  # the header, 8 chunks, the counters
+        restored = CardStateTable.restore(tmp_path / "cards.snapshot")
+        for name in ("keys", "last_time_ms", "counts", "stats", "merchants", "countries"):
+            assert np.array_equal(getattr(restored, name), getattr(state.table, name)), name
+        assert restored.occupied == state.table.occupied == 300
+    finally:
+        state.close()
+
+
+def test_snapshot_during_updates_saves_each_card_whole(tmp_path, monkeypatch) -> None:
+    """Workers keep scoring between the snapshot's chunks: every card comes back whole,
+    as it was before or after its update; a card inserted meanwhile comes back whole or
+    not at all; the cards nobody touched come back unchanged, where they were."""
+    from riskwire.kernels.state import CardStateTable
+    from riskwire.server import state as state_module
+
+    monkeypatch.setattr(state_module, "SNAPSHOT_CHUNK_SLOTS", 64)
+    state = SharedCardState.create(1024)
+    try:
+        old = [f"card-{i}" for i in range(400)]
+        state.update(cards(old, 1_000), np.empty((len(old), 23)))
+        keys = {card: int(cards([card], 0).card_key[0]) for card in old}
+        before = {card: record_of(state.table, keys[card]) for card in old}
+        touched, inserted = old[::7], [f"new-{i}" for i in range(40)]
+        batches = iter([(touched[i::16], inserted[i::16]) for i in range(16)])
+        unlock = state_module.spin_unlock
+
+        def unlock_then_score(*args) -> None:  # noqa: ANN002 - a worker runs between chunks
+            unlock(*args)
+            some, new = next(batches, ([], []))
+            if some or new:
+                state.update(cards(some + new, 2_000), np.empty((len(some) + len(new), 23)))
+
+        monkeypatch.setattr(state_module, "spin_unlock", unlock_then_score)
+        state.snapshot(tmp_path / "cards.snapshot")
+        monkeypatch.setattr(state_module, "spin_unlock", unlock)
+        restored = CardStateTable.restore(tmp_path / "cards.snapshot")
+        as_saved = []
+        for card in old:
+            saved = record_of(restored, keys[card])
+            assert restored.find(keys[card]) == state.table.find(keys[card])
+            if card in touched:
+                after = record_of(state.table, keys[card])
+                assert saved in (before[card], after), card
+                as_saved.append(saved == after)
+            else:
+                assert saved == before[card], card
+        assert any(as_saved) and not all(as_saved)  # chunks before and after updates
+        for card in inserted:
+            key = int(cards([card], 0).card_key[0])
+            assert record_of(restored, key) in (None, record_of(state.table, key)), card
+    finally:
+        state.close()
