@@ -103,9 +103,10 @@ class SharedCardState:
         path.parent.mkdir(parents=True, exist_ok=True)
         if self._snapshot_buffer is None:
             # Allocated and faulted in once, outside the lock: copying into fresh pages
-            # under the lock stalled every worker for up to a second per snapshot.
-            self._snapshot_buffer = np.ones(self.table.nbytes, dtype=np.uint8)
-            self._snapshot_buffer[:] = 0  # alignment padding as in the table
+            # under the lock stalled every worker for up to a second per snapshot. (The
+            # fill writes every page; it also zeroes the alignment padding, as the table's.)
+            self._snapshot_buffer = np.empty(self.table.nbytes, dtype=np.uint8)
+            self._snapshot_buffer.fill(0)
         copy = self._snapshot_buffer
         source = self.table
         header = source.header
