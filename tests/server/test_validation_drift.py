@@ -386,23 +386,17 @@ def test_live_performance_without_labels_reads_only_the_served_versions(tmp_path
     from three narrow columns of the log)."""
     from datetime import UTC, datetime
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from riskwire.server.monitoring.performance import MEASURES, live_performance
-    from riskwire.shadow.records import PREDICTION_SCHEMA, STAMP_FORMAT
+    from riskwire.shadow.records import STAMP_FORMAT
 
     now = time.time()
     folder = tmp_path / "predictions"
     folder.mkdir()
-    served = [("fraud", "1"), ("fraud", "2"), ("fraud", "1")]
-    values = {name: [None] * len(served) for name in PREDICTION_SCHEMA.names}
-    values["time"] = [datetime.fromtimestamp(now - 60, UTC)] * len(served)
-    values["model"] = [model for model, _ in served]
-    values["version"] = [version for _, version in served]
-    table = pa.table(values, schema=PREDICTION_SCHEMA)
     stamp = datetime.fromtimestamp(now, UTC).strftime(STAMP_FORMAT)
-    pq.write_table(table, folder / f"part-{stamp}-w0-1-000001.parquet")
+    _prediction_segment(
+        folder / f"part-{stamp}-w0-1-000001.parquet",
+        [(60, "fraud", "1"), (60, "fraud", "2"), (60, "fraud", "1")],
+    )
     rows = live_performance(tmp_path, tmp_path, {"5m": 300.0, "1h": 3600.0}, now=now)
     assert {(r["version"], r["window"]) for r in rows} == {
         (v, w) for v in ("1", "2") for w in ("5m", "1h")
