@@ -105,7 +105,7 @@ class Settings:
     alert_webhook: str = ""  # also POST every alert to this URL
     # Request-level log: one JSON line per unary call, per worker file, size-rotated.
     request_log_dir: str = ""  # "" = off; else <dir>/requests-w<worker>.jsonl
-    request_log_max_mb: int = 64
+    request_log_max_mb: float = 64.0  # a file is rotated before it would pass this size
     request_log_backups: int = 5
     # OpenTelemetry server spans, built off the hot path (see server/tracing.py).
     request_log_exporter: str = ""  # "" = off | console | otlp-grpc | otlp-http (log records)
@@ -237,8 +237,8 @@ class Settings:
             )
         if not 0.0 <= self.tracing_sample_ratio <= 1.0 or self.tracing_slow_ms < 0:
             raise SettingsError("tracing_sample_ratio must be in 0..1, tracing_slow_ms >= 0")
-        if self.request_log_max_mb < 1 or self.request_log_backups < 0:
-            raise SettingsError("request_log_max_mb must be >= 1 and request_log_backups >= 0")
+        if self.request_log_max_mb <= 0 or self.request_log_backups < 0:
+            raise SettingsError("request_log_max_mb must be > 0 and request_log_backups >= 0")
         if not 0.0 <= self.prediction_log_rate <= 100.0 or self.performance_eval_s <= 0:
             raise SettingsError("prediction_log_rate must be in 0..100, performance_eval_s > 0")
         if self.drift_bucket_s < 1 or self.drift_publish_s <= 0 or self.drift_eval_s <= 0:

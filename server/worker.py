@@ -452,7 +452,7 @@ def _start_request_log(worker_id, settings, observe):  # noqa: ANN001, ANN202
     request_log = RequestLog(
         Path(log_dir) / f"requests-w{worker_id}.jsonl" if log_dir else None,
         worker=worker_id,
-        max_bytes=settings.request_log_max_mb * 1024 * 1024,
+        max_bytes=int(settings.request_log_max_mb * 1024 * 1024),
         backups=settings.request_log_backups,
         tracing=tracing,
         metrics=metrics,

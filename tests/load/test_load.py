@@ -7,8 +7,9 @@
   clear overload status (DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / UNAVAILABLE, never
   INTERNAL) and comes back fast, no worker dies, worker memory stays bounded and does
   not grow from one round to the next, and the server serves normally right after;
-* soak — steady traffic while worker RSS, open file descriptors and latency are
-  sampled: none of them drifts;
+* soak — steady traffic, mirrored to a shadow and logged, while the RSS and open file
+  descriptors of every process and latency are sampled: none of them drifts, and the
+  shadow and prediction-log segments and the request log roll over;
 * fault — SIGKILL a worker under load: the supervisor replaces it, and the only errors
   are UNAVAILABLE on the connections that worker held.
 
@@ -33,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pyarrow.parquet as pq
 import pytest
 
 from riskwire.pipeline import synth
 from riskwire.protos import scoring_pb2, scoring_pb2_grpc
+from riskwire.shadow.records import PREDICTIONS, segment_files
 
 LOAD_THREADS = 4
 LOAD_RATE_PER_S = 100.0  # total, across the threads: moderate for a 2-core box
@@ -61,6 +64,14 @@ SOAK_RATE_PER_S = 100.0
 SOAK_WARMUP_FRACTION = 0.2  # samples ignored at the start (allocator and cache warm-up)
 RSS_DRIFT_MIN = 32 * 2**20  # soak RSS drift allowed: max(this, 10%)
 FD_DRIFT_MAX = 8
+# Files the soak server writes: the request log rotates about SOAK_LOG_ROTATIONS times
+# per worker and keeps SOAK_LOG_BACKUPS old files; a file may pass its limit by at most
+# one drained batch of lines.
+SOAK_LOG_ROTATIONS = 8
+SOAK_LOG_BACKUPS = 2
+REQUEST_LINE_BYTES = 250  # about, for a Score call
+REQUEST_LOG_SLACK_BYTES = 64 * 1024
+SEGMENT_WAIT_S = 20.0  # after the traffic: the last records reach a segment by then
 
 FAULT_THREADS = 8
 FAULT_READY_THREADS = 4  # of which call with wait_for_ready=True
@@ -365,30 +376,100 @@ def test_stress_sheds_load_cleanly_and_recovers(
         assert growth <= allowed, f"worker {pid} RSS grew {mib(growth)} in round 2"
 
 
+def soak_settings(directory: Path, duration_s: float) -> dict[str, str]:
+    """The soak server's environment: a shadow of the served version, the prediction log
+    of every answer and a request log, all flushed or rotated many times in the run."""
+    per_worker = SOAK_RATE_PER_S / 2 * duration_s * REQUEST_LINE_BYTES
+    return {
+        "RISKWIRE_SHADOW_MODEL": "1",
+        "RISKWIRE_SHADOW_DIR": str(directory / "shadow"),
+        "RISKWIRE_SHADOW_FLUSH_SECONDS": str(soak_interval(duration_s)),
+        "RISKWIRE_PREDICTION_LOG_RATE": "100",
+        "RISKWIRE_REQUEST_LOG_DIR": str(directory / "requests"),
+        "RISKWIRE_REQUEST_LOG_MAX_MB": f"{per_worker / SOAK_LOG_ROTATIONS / 2**20:.6f}",
+        "RISKWIRE_REQUEST_LOG_BACKUPS": str(SOAK_LOG_BACKUPS),
+    }
+
+
+def soak_interval(duration_s: float) -> float:
+    """Seconds between the soak's samples, and between segment flushes."""
+    return max(1.0, duration_s / 60)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (workers, shadow scorers, ...)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo.extend(children - found)
+            found |= children
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Files:
+    """What the soak server has written at one moment."""
+
+    records: int  # shadow segments (paired primary / shadow results)
+    predictions: int  # prediction-log segments
+    request_logs: dict[str, int]  # request-log file name -> size in bytes
+
+    @classmethod
+    def read(cls, directory: Path) -> Files:
+        """Count segments and measure the request logs under ``directory``."""
+        logs = {p.name: p.stat().st_size for p in (directory / "requests").glob("requests-w*")}
+        return cls(
+            len(segment_files(directory / "shadow", "records")),
+            len(segment_files(directory / "shadow", PREDICTIONS)),
+            logs,
+        )
+
+
+def segment_rows(directory: Path, stream: str) -> int:
+    """Rows in the finished segments of one stream."""
+    return sum(pq.read_metadata(p).num_rows for p in segment_files(directory, stream))
+
+
 def test_soak_resources_and_latency_do_not_drift(
-    load_server, score_requests, duration_s: float
+    start_load_server, models_dir: Path, score_requests, tmp_path: Path, duration_s: float
 ) -> None:
-    """Steady traffic; RSS and fds of every process and latency sampled: no drift.
+    """Steady traffic, mirrored to a shadow and logged: RSS and fds of every process and
+    latency do not drift, and the shadow, prediction-log and request-log files roll.
 
     The first ``SOAK_WARMUP_FRACTION`` of the samples is warm-up; the first and last
     thirds of the rest are compared (latency only in runs of ``LATENCY_CHECK_MIN_S``+).
+    Segments must keep appearing to the end, every mirrored call must reach a shadow
+    segment, and each worker's request log must rotate, keep at most
+    ``SOAK_LOG_BACKUPS`` old files and keep each file near its size limit.
     """
-    supervisor, workers = load_server.pid, load_server.worker_pids()
-    pids = sorted(workers | {supervisor})
-    interval = max(1.0, duration_s / 60)
+    settings = soak_settings(tmp_path, duration_s)
+    server = start_load_server(models_dir, env=settings)
+    supervisor, workers = server.pid, server.worker_pids()
+    pids = sorted(descendants(supervisor) | {supervisor})
+    interval = soak_interval(duration_s)
     traffic = Traffic(
-        load_server.target,
+        server.target,
         score_requests,
         threads=SOAK_THREADS,
         rate_per_s=SOAK_RATE_PER_S,
         deadline_s=LOAD_DEADLINE_S,
     ).start()
-    samples: list[tuple[float, dict[int, int], dict[int, int]]] = []
+    samples: list[tuple[float, dict[int, int], dict[int, int], Files]] = []
     try:
         while traffic.elapsed() < duration_s:
             time.sleep(min(interval, max(0.0, duration_s - traffic.elapsed())))
             samples.append(
-                (traffic.elapsed(), {p: rss_bytes(p) for p in pids}, {p: open_fds(p) for p in pids})
+                (
+                    traffic.elapsed(),
+                    {p: rss_bytes(p) for p in pids},
+                    {p: open_fds(p) for p in pids},
+                    Files.read(tmp_path),
+                )
             )
     finally:
         calls = traffic.stop()
@@ -402,11 +483,18 @@ def test_soak_resources_and_latency_do_not_drift(
         latencies_ms(calls, t_late, math.inf),
     )
     slowest = max((c.latency_s for c in calls), default=0.0) * 1000
+    ok = sum(c.code == "OK" for c in calls)
+    shadow = tmp_path / "shadow"
+    deadline = time.monotonic() + interval + SEGMENT_WAIT_S
+    while segment_rows(shadow, "records") < ok and time.monotonic() < deadline:
+        time.sleep(0.2)  # the last records are flushed within one interval
+    mirrored = segment_rows(shadow, "records")
+    files = Files.read(tmp_path)
     print(
         f"\nsoak {duration_s:.0f}s: {len(calls)} calls, {describe(calls)}, slowest {slowest:.0f} ms"
     )
     for pid in pids:
-        role = "supervisor" if pid == supervisor else "worker"
+        role = "supervisor" if pid == supervisor else "worker" if pid in workers else "child"
         print(
             f"  {role} {pid}: RSS {mib(statistics.median(s[1][pid] for s in early))} -> "
             f"{mib(statistics.median(s[1][pid] for s in late))}, fds "
@@ -418,8 +506,14 @@ def test_soak_resources_and_latency_do_not_drift(
         f"{interval:.0f}s-window p99 {windowed_p99(calls, kept[0][0], t_early, interval):.2f} "
         f"-> {windowed_p99(calls, t_late, math.inf, interval):.2f} ms"
     )
+    logs = sorted(files.request_logs.items())
+    print(
+        f"  shadow segments {files.records} ({mirrored} records for {ok} calls), "
+        f"prediction-log segments {files.predictions}, request logs "
+        + ", ".join(f"{name} {size / 1024:.0f} KiB" for name, size in logs)
+    )
     assert not [c for c in calls if c.code != "OK"], describe(calls)
-    assert load_server.worker_pids() == workers, "a worker was replaced during the soak"
+    assert server.worker_pids() == workers, "a worker was replaced during the soak"
     for pid in pids:
         before = statistics.median(s[1][pid] for s in early)
         after = statistics.median(s[1][pid] for s in late)
@@ -433,6 +527,19 @@ def test_soak_resources_and_latency_do_not_drift(
         assert p99_late <= P99_RATIO_MAX * p99_early + P99_SLACK_MS, (
             f"p99 drifted from {p99_early:.2f} ms to {p99_late:.2f} ms"
         )
+    # The files roll: new segments up to the end, every call mirrored, logs rotated.
+    for stream in ("records", "predictions"):
+        counts = [getattr(s[3], stream) for s in kept]
+        assert counts[-1] > counts[len(counts) - third - 1] > counts[0], f"{stream}: {counts}"
+    assert mirrored >= ok, f"{mirrored} shadow records for {ok} calls"
+    limit = float(settings["RISKWIRE_REQUEST_LOG_MAX_MB"]) * 2**20
+    for worker in range(len(workers)):
+        live = f"requests-w{worker}.jsonl"
+        names = {name for s in samples for name in s[3].request_logs if name.startswith(live)}
+        rotated = {f"{live}.{i}" for i in range(1, SOAK_LOG_BACKUPS + 1)}
+        assert names == {live} | rotated, f"worker {worker}: request-log files {sorted(names)}"
+    sizes = [size for s in samples for size in s[3].request_logs.values()]
+    assert max(sizes) <= limit + REQUEST_LOG_SLACK_BYTES, f"a request log grew to {max(sizes)} B"
 
 
 def test_fault_killed_worker_is_replaced_with_bounded_errors(

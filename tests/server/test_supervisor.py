@@ -266,6 +266,11 @@ def test_snapshot_path_from_env_and_default() -> None:
     assert default.snapshot_path == Path("/srv/models/.state/cards.snapshot")
 
 
+def test_request_log_size_may_be_a_fraction_of_a_megabyte() -> None:
+    settings = load_settings(environ={"RISKWIRE_REQUEST_LOG_MAX_MB": "0.25"})
+    assert settings.request_log_max_mb == 0.25
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
@@ -279,6 +284,7 @@ def test_snapshot_path_from_env_and_default() -> None:
         ({"environ": {"RISKWIRE_STATE_CAPACITY": "1000"}}, "state_capacity"),
         ({"environ": {"RISKWIRE_MAX_BATCH_ROWS": "0"}}, "max_batch_rows"),
         ({"environ": {"RISKWIRE_DEFAULT_TOP_REASONS": "11"}}, "default_top_reasons"),
+        ({"environ": {"RISKWIRE_REQUEST_LOG_MAX_MB": "0"}}, "request_log_max_mb"),
     ],
 )
 def test_bad_values_raise_settings_error_naming_the_setting(kwargs: dict, name: str) -> None:
