@@ -39,7 +39,7 @@ import pytest
 
 from riskwire.pipeline import synth
 from riskwire.protos import scoring_pb2, scoring_pb2_grpc
-from riskwire.shadow.records import PREDICTIONS, segment_files
+from riskwire.shadow.records import PREDICTIONS, read_records, segment_files
 
 LOAD_THREADS = 4
 LOAD_RATE_PER_S = 100.0  # total, across the threads: moderate for a 2-core box
@@ -119,6 +119,7 @@ class Call:
     code: str  # grpc status name, "BAD_RESPONSE" or "CLIENT_ERROR"
     worker: int = 0  # pid of the worker that answered (from the request id), 0 if unknown
     detail: str = ""
+    request_id: str = ""  # the id the server gave the call (OK calls)
 
 
 class Traffic:
@@ -202,7 +203,7 @@ class Traffic:
     def _call(self, stub: scoring_pb2_grpc.ScoringStub, thread: int, i: int, batch: bool) -> Call:
         ready = thread >= self.threads - self.ready_threads
         begin = time.monotonic()
-        code, worker, detail = "OK", 0, ""
+        code, worker, detail, request_id = "OK", 0, "", ""
         try:
             if batch:
                 request = self.batches[i % len(self.batches)]
@@ -217,7 +218,8 @@ class Traffic:
                     not 0.0 <= response.probability <= 1.0
                     or response.decision == scoring_pb2.DECISION_UNSPECIFIED
                 )
-            worker = int(response.request_id.split("-", 1)[0], 16)
+            request_id = response.request_id
+            worker = int(request_id.split("-", 1)[0], 16)
             if bad:
                 code, detail = "BAD_RESPONSE", str(response)[:300]
         except grpc.RpcError as exc:
@@ -225,7 +227,7 @@ class Traffic:
         except Exception as exc:  # noqa: BLE001 - recorded, the test reports it
             code, detail = "CLIENT_ERROR", repr(exc)[:300]
         end = time.monotonic()
-        return Call(thread, begin - self.t0, end - begin, code, worker, detail)
+        return Call(thread, begin - self.t0, end - begin, code, worker, detail, request_id)
 
 
 # ------------------------------------------------------------------ measurements
@@ -543,18 +545,32 @@ def test_soak_resources_and_latency_do_not_drift(
 
 
 def test_fault_killed_worker_is_replaced_with_bounded_errors(
-    start_load_server, models_dir: Path, score_requests, duration_s: float
+    start_load_server, models_dir: Path, score_requests, tmp_path: Path, duration_s: float
 ) -> None:
-    """SIGKILL the busiest worker under steady closed-loop load (own server, default settings).
+    """SIGKILL the busiest worker under steady closed-loop load (own server, default
+    settings plus a shadow of the served version).
 
     Only calls on connections the victim held (or was accepting) may fail, and only
     with UNAVAILABLE. Clients calling with ``wait_for_ready`` lose only calls sent to
     the victim (at most three each); plain clients whose reconnect landed in the dying
     worker's accept queue fail fast for gRPC's reconnect backoff (~1 s), so their errors
     are bounded in time instead. Then: a new worker pid, health SERVING, the
-    replacement answers.
+    replacement answers. No shadow record is lost: the victim's scorer process outlives
+    it and writes every call it had answered (the README's loss bound for the default
+    scorer). The scorers run at normal priority here, so that under this saturating
+    load none falls behind and drops mirrors from a full queue, which is counted, not
+    lost, and would hide a loss.
     """
-    server = start_load_server(models_dir)
+    shadow = tmp_path / "shadow"
+    server = start_load_server(
+        models_dir,
+        env={
+            "RISKWIRE_SHADOW_MODEL": "1",
+            "RISKWIRE_SHADOW_DIR": str(shadow),
+            "RISKWIRE_SHADOW_PRIORITY": "normal",
+            "RISKWIRE_SHADOW_FLUSH_SECONDS": "1",
+        },
+    )
     before = server.worker_pids()
     assert len(before) == 2, before
     traffic = Traffic(
@@ -618,6 +634,22 @@ def test_fault_killed_worker_is_replaced_with_bounded_errors(
     assert any(c.worker == replacement for c in calls) or _answers(server, replacement), (
         f"replacement {replacement} never answered"
     )
+    answered = {c.request_id for c in calls if c.code == "OK"}
+    deadline = time.monotonic() + SEGMENT_WAIT_S
+    while missing := answered - set(shadow_request_ids(shadow)):
+        by_victim = sum(c.worker == victim for c in calls if c.request_id in missing)
+        assert time.monotonic() < deadline, (
+            f"{len(missing)} of {len(answered)} answered calls have no shadow record, "
+            f"{by_victim} of them answered by the killed worker"
+        )
+        time.sleep(0.5)
+    ids = shadow_request_ids(shadow)
+    assert len(ids) == len(set(ids)), "a call was recorded twice"
+
+
+def shadow_request_ids(directory: Path) -> list[str]:
+    """Request ids of every shadow record written so far."""
+    return read_records(directory).column("request_id").to_pylist()
 
 
 def _answers(server: Any, pid: int, attempts: int = 40) -> bool:
