@@ -127,8 +127,9 @@ class Traffic:
 
     With ``rate_per_s`` each thread paces its calls so that together they make that
     rate (a late thread skips ahead instead of bursting to catch up); without, each
-    sends its next call as soon as the last one ends (closed loop). Every thread has
-    its own channel and TCP connection; the last ``ready_threads`` threads call with
+    sends its next call as soon as the last one ends (closed loop). With ``ramp_s`` the
+    threads join one by one, evenly over that many seconds. Every thread has its own
+    channel and TCP connection; the last ``ready_threads`` threads call with
     ``wait_for_ready=True`` (wait for a connection instead of failing fast).
     """
 
@@ -143,11 +144,13 @@ class Traffic:
         batches: Sequence[scoring_pb2.ScoreBatchRequest] = (),
         batch_threads: int = 0,
         ready_threads: int = 0,
+        ramp_s: float = 0.0,
     ) -> None:
         self.target, self.score, self.batches = target, score, batches
         self.threads, self.deadline_s, self.rate = threads, deadline_s, rate_per_s
         self.batch_threads = batch_threads if batches else 0
         self.ready_threads = ready_threads  # the last ones call with wait_for_ready=True
+        self.ramp_s = ramp_s
         self.calls: list[Call] = []  # list.append is atomic
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -181,6 +184,8 @@ class Traffic:
         return self.stop()
 
     def _run(self, index: int) -> None:
+        if self.ramp_s and self._stop.wait(self.ramp_s * index / self.threads):
+            return  # stopped before this thread's turn to join
         options = [("grpc.use_local_subchannel_pool", 1), ("riskwire.test.client", index)]
         channel = grpc.insecure_channel(self.target, options=options)
         stub = scoring_pb2_grpc.ScoringStub(channel)
@@ -260,6 +265,17 @@ def windowed_p99(calls: Sequence[Call], start_s: float, end_s: float, window_s: 
     return statistics.median(p99s) if p99s else math.nan
 
 
+def by_quarter(calls: Sequence[Call], duration_s: float) -> str:
+    """Calls per second and the share that failed, in each quarter of a run."""
+    quarters: list[list[Call]] = [[], [], [], []]
+    for call in calls:
+        quarters[min(3, int(call.start_s * 4 // duration_s))].append(call)
+    return ", ".join(
+        f"{len(q) * 4 / duration_s:.0f}/s {sum(c.code != 'OK' for c in q) / max(1, len(q)):.1%}"
+        for q in quarters
+    )
+
+
 def describe(calls: Sequence[Call]) -> str:
     """Counts by status, with an example detail of each failure."""
     counts = Counter(c.code for c in calls)
@@ -336,8 +352,9 @@ def test_load_sustained_rate_is_stable(load_server, score_requests, duration_s: 
 def test_stress_sheds_load_cleanly_and_recovers(
     load_server, score_requests, batch_requests, duration_s: float
 ) -> None:
-    """64 clients, 50 ms deadlines, two rounds: only overload statuses, fast; no crash;
-    bounded, non-growing worker memory; normal service right after each round."""
+    """Two rounds of a ramp to 64 clients (over the first half of the round, then held)
+    with 50 ms deadlines: only overload statuses, fast; no crash; bounded, non-growing
+    worker memory; normal service right after each round."""
     workers = load_server.worker_pids()
     assert len(workers) == 2
     rss: list[dict[int, int]] = [{pid: rss_bytes(pid) for pid in workers}]
@@ -349,13 +366,15 @@ def test_stress_sheds_load_cleanly_and_recovers(
             deadline_s=STRESS_DEADLINE_S,
             batches=batch_requests,
             batch_threads=STRESS_BATCH_THREADS,
+            ramp_s=duration_s / 2,
         ).run_for(duration_s)
         failures = [c for c in calls if c.code != "OK"]
         print(
-            f"\nstress round {round_} ({duration_s:.0f}s, {STRESS_THREADS} clients, "
+            f"\nstress round {round_} ({duration_s:.0f}s, ramp to {STRESS_THREADS} clients, "
             f"{STRESS_DEADLINE_S * 1000:.0f} ms deadline): {len(calls)} calls, "
             f"{describe(calls)}; slowest failure "
-            f"{max((c.latency_s for c in failures), default=0) * 1000:.0f} ms"
+            f"{max((c.latency_s for c in failures), default=0) * 1000:.0f} ms; "
+            f"by quarter (calls/s, refused): {by_quarter(calls, duration_s)}"
         )
         unclear = [c for c in failures if c.code not in OVERLOAD_CODES]
         assert not unclear, f"failures other than overload statuses: {describe(unclear)}"
