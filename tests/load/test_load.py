@@ -3,10 +3,10 @@
 * load — sustained moderate traffic: no errors, p99 of the second half not above three
   times the first half's (a stability check, not a timing target; asserted in runs of
   30 s or more, printed in the smoke run);
-* stress — 64 closed-loop clients with 50 ms deadlines, twice: every failure is a
-  clear overload status (DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / UNAVAILABLE, never
-  INTERNAL) and comes back fast, no worker dies, worker memory stays bounded and does
-  not grow from one round to the next, and the server serves normally right after;
+* stress — a ramp to 64 closed-loop clients with 50 ms deadlines, twice: every failure
+  is a clear overload status (DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / UNAVAILABLE,
+  never INTERNAL) and comes back fast, no worker dies, worker memory stays bounded and
+  does not grow from one round to the next, and the server serves normally right after;
 * soak — steady traffic, mirrored to a shadow and logged, while the RSS and open file
   descriptors of every process and latency are sampled: none of them drifts, and the
   shadow and prediction-log segments and the request log roll over;
