@@ -37,6 +37,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from typing import Final
 
 import numpy as np
@@ -75,10 +76,16 @@ _FIELDS: Final = (
 # external store (Redis) keeps per card, moved in and out of a table by slot index.
 CARD_RECORD: Final = np.dtype([(name, dtype, shape) for name, dtype, shape in _FIELDS], align=False)
 
-# snapshot file: fixed 64-byte header, then the table's bytes verbatim
+# Snapshot file: a fixed 64-byte header, then (format 2) the table's header, the slot
+# numbers of the cards and their packed records; an empty slot takes no space. Format 1
+# (the table's bytes verbatim, 268 MB at the default capacity whatever it held) is
+# still read.
 _FILE_MAGIC: Final = b"RWSNAP\x00\x00"
-_FILE_VERSION: Final = 1
-_FILE_HEADER = struct.Struct("<8sIIQQQI")  # magic, version, layout, capacity, probe, nbytes, crc
+_FILE_VERSION: Final = 2
+_FULL_FILE_VERSION: Final = 1
+_FILE_PREFIX = struct.Struct("<8sII")  # magic, version, layout
+_FULL_FILE_HEADER = struct.Struct("<8sIIQQQI")  # … capacity, probe, nbytes, crc
+_FILE_HEADER = struct.Struct("<8sIIQQQIQ")  # … capacity, probe, nbytes, crc, cards
 _FILE_HEADER_LEN: Final = 64
 
 # home slot of a key: multiplicative hash, high bits folded down (same in the kernels)
@@ -262,44 +269,21 @@ class CardStateTable:
             getattr(self, name)[slots] = records[name]
 
     def snapshot(self, path: str | os.PathLike[str]) -> None:
-        """Write the table to ``path`` atomically (temp file in the same dir + rename).
+        """Write the table's cards to ``path`` atomically (see :func:`write_snapshot`).
 
         Writers must be paused (hold the table lock) for a consistent snapshot.
         """
-        path = os.fspath(path)
-        head = _FILE_HEADER.pack(
-            _FILE_MAGIC,
-            _FILE_VERSION,
-            LAYOUT_VERSION,
-            self.capacity,
-            self.probe_limit,
-            self.nbytes,
-            zlib.crc32(self._bytes),
-        ).ljust(_FILE_HEADER_LEN, b"\0")
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".cardstate-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                f.write(self._bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        slots = np.flatnonzero(self.keys)
+        write_snapshot(path, self.header, slots, self.records(slots))
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str]) -> CardStateTable:
         """Load a snapshot into a new private table."""
         with open(path, "rb") as f:
-            capacity, probe_limit, nbytes, crc = _read_file_header(f, path)
+            capacity, probe_limit, nbytes, body = _read_snapshot_header(f, path)
             buffer = np.zeros(nbytes, dtype=np.uint8)
-            _read_body(f, buffer, nbytes, crc, path)
-        table = cls(buffer)
-        table.header[HDR_LOCK] = 0  # a lock held when the snapshot was taken is void
-        return table
+            body(buffer)
+        return cls(buffer)
 
     @classmethod
     def restore_into(
@@ -312,17 +296,58 @@ class CardStateTable:
         """
         raw = _writable_bytes(buffer)
         with open(path, "rb") as f:
-            capacity, probe_limit, nbytes, crc = _read_file_header(f, path)
+            capacity, probe_limit, nbytes, body = _read_snapshot_header(f, path)
             if raw.size < nbytes:
                 raise ValueError(f"buffer has {raw.size} bytes, snapshot needs {nbytes}")
             try:
-                _read_body(f, raw[:nbytes], nbytes, crc, path)
+                body(raw[:nbytes])
             except BaseException:
                 raw[: HEADER_LEN * 8] = 0
                 raise
-        table = cls(buffer)
-        table.header[HDR_LOCK] = 0  # a lock held when the snapshot was taken is void
-        return table
+        return cls(buffer)
+
+
+def write_snapshot(
+    path: str | os.PathLike[str], header: np.ndarray, slots: np.ndarray, records: np.ndarray
+) -> None:
+    """Write a snapshot (format 2) atomically: temp file in the same dir, fsync, rename.
+
+    ``header`` is the table's header (its counters as of the snapshot), ``slots`` the
+    increasing slot numbers of the saved cards and ``records`` their
+    :data:`CARD_RECORD` rows. The file holds only those cards: a table of a few
+    thousand cards writes a few hundred KB, whatever its capacity.
+    """
+    slots = np.ascontiguousarray(slots, dtype="<i8")
+    records = np.ascontiguousarray(records, dtype=CARD_RECORD)
+    if len(slots) != len(records):
+        raise ValueError(f"{len(slots)} slots but {len(records)} records")
+    table_header = np.ascontiguousarray(header, dtype="<i8").copy()
+    table_header[HDR_OCCUPIED] = len(slots)  # the cards saved, whatever changed meanwhile
+    table_header[HDR_LOCK] = 0
+    capacity, probe_limit = int(table_header[HDR_CAPACITY]), int(table_header[HDR_PROBE_LIMIT])
+    parts = (table_header, slots, records)
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    head = _FILE_HEADER.pack(
+        _FILE_MAGIC, _FILE_VERSION, LAYOUT_VERSION, capacity, probe_limit,
+        _layout(capacity)[1], crc, len(slots),
+    ).ljust(_FILE_HEADER_LEN, b"\0")  # fmt: skip
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".cardstate-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            for part in parts:
+                f.write(part.data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _writable_bytes(buffer: memoryview | bytearray | np.ndarray) -> np.ndarray:
@@ -334,33 +359,64 @@ def _writable_bytes(buffer: memoryview | bytearray | np.ndarray) -> np.ndarray:
     return raw
 
 
-def _read_file_header(f, path) -> tuple[int, int, int, int]:
-    """Validate a snapshot's header; returns capacity, probe_limit, nbytes, crc."""
+def _read_snapshot_header(f, path) -> tuple[int, int, int, Callable[[np.ndarray], None]]:
+    """Validate a snapshot's header; returns capacity, probe_limit, the table's byte size
+    and a function that reads the body into a buffer of that size (checking it)."""
     head = f.read(_FILE_HEADER_LEN)
     if len(head) < _FILE_HEADER_LEN:
         raise SnapshotError(f"{path}: truncated snapshot (header is {len(head)} bytes)")
-    magic, version, layout, capacity, probe_limit, nbytes, crc = _FILE_HEADER.unpack_from(head)
+    magic, version, layout = _FILE_PREFIX.unpack_from(head)
     if magic != _FILE_MAGIC:
         raise SnapshotError(f"{path}: not a card state snapshot (bad magic {magic!r})")
-    if version != _FILE_VERSION or layout != LAYOUT_VERSION:
+    if version not in (_FILE_VERSION, _FULL_FILE_VERSION) or layout != LAYOUT_VERSION:
         raise SnapshotError(
             f"{path}: snapshot format {version}/layout {layout} is not supported "
-            f"(expected {_FILE_VERSION}/{LAYOUT_VERSION})"
+            f"(expected {_FILE_VERSION} or {_FULL_FILE_VERSION}/{LAYOUT_VERSION})"
         )
+    if version == _FULL_FILE_VERSION:
+        *_, capacity, probe_limit, nbytes, crc = _FULL_FILE_HEADER.unpack_from(head)
+        cards = 0
+    else:
+        *_, capacity, probe_limit, nbytes, crc, cards = _FILE_HEADER.unpack_from(head)
     try:
         _check_capacity(capacity, probe_limit)
     except ValueError as exc:
         raise SnapshotError(f"{path}: corrupt snapshot header: {exc}") from exc
-    if nbytes != _layout(capacity)[1]:
+    if nbytes != _layout(capacity)[1] or cards > capacity:
         raise SnapshotError(f"{path}: corrupt snapshot header (size does not match capacity)")
-    return capacity, probe_limit, nbytes, crc
+
+    def read_full(out: np.ndarray) -> None:
+        _read_exactly(f, out, path, "table")
+        if zlib.crc32(out) != crc:
+            raise SnapshotError(f"{path}: corrupt snapshot (checksum mismatch)")
+
+    def read_cards(out: np.ndarray) -> None:
+        table_header = np.empty(HEADER_LEN, "<i8")
+        slots = np.empty(cards, "<i8")
+        records = np.empty(cards, CARD_RECORD)
+        for part, what in ((table_header, "table header"), (slots, "slots"), (records, "cards")):
+            _read_exactly(f, part.view(np.uint8).reshape(-1), path, what)
+        if zlib.crc32(records, zlib.crc32(slots, zlib.crc32(table_header))) != crc:
+            raise SnapshotError(f"{path}: corrupt snapshot (checksum mismatch)")
+        if cards and (slots[0] < 0 or slots[-1] >= capacity or np.any(np.diff(slots) <= 0)):
+            raise SnapshotError(f"{path}: corrupt snapshot (slot numbers out of order)")
+        if not np.all(records["keys"]):
+            raise SnapshotError(f"{path}: corrupt snapshot (a saved slot has no card)")
+        table = CardStateTable(out, capacity, probe_limit=probe_limit)  # zero-filled
+        table.put_records(slots, records)
+        table.header[HDR_OCCUPIED] = cards
+        table.header[HDR_EVICTIONS] = table_header[HDR_EVICTIONS]
+
+    def read_body(out: np.ndarray) -> None:
+        (read_full if version == _FULL_FILE_VERSION else read_cards)(out)
+        if f.read(1):
+            raise SnapshotError(f"{path}: corrupt snapshot (trailing bytes after the table)")
+        out[HDR_LOCK * 8 : (HDR_LOCK + 1) * 8] = 0  # a lock held at snapshot time is void
+
+    return capacity, probe_limit, nbytes, read_body
 
 
-def _read_body(f, out: np.ndarray, nbytes: int, crc: int, path) -> None:
+def _read_exactly(f, out: np.ndarray, path, what: str) -> None:
     got = f.readinto(out)
-    if got != nbytes:
-        raise SnapshotError(f"{path}: truncated snapshot ({got} of {nbytes} bytes of table)")
-    if f.read(1):
-        raise SnapshotError(f"{path}: corrupt snapshot (trailing bytes after the table)")
-    if zlib.crc32(out) != crc:
-        raise SnapshotError(f"{path}: corrupt snapshot (checksum mismatch)")
+    if got != out.nbytes:
+        raise SnapshotError(f"{path}: truncated snapshot ({got} of {out.nbytes} bytes of {what})")

@@ -23,12 +23,12 @@ import numpy as np
 from riskwire.kernels.atomics import break_lock, spin_lock, spin_unlock
 from riskwire.kernels.encoding import TransactionArrays
 from riskwire.kernels.features import compute_features, peek_features
-from riskwire.kernels.state import HDR_LOCK, CardStateTable, SnapshotError
+from riskwire.kernels.state import HDR_LOCK, CardStateTable, SnapshotError, write_snapshot
 
 log = logging.getLogger(__name__)
 
 
-SNAPSHOT_CHUNK_SLOTS = 1024  # slots copied per hold of the lock (~256 KB of state)
+SNAPSHOT_CHUNK_SLOTS = 1024  # slots whose cards are copied per hold of the lock
 
 
 @contextlib.contextmanager
@@ -47,7 +47,6 @@ class SharedCardState:
     def __init__(self, memory: shared_memory.SharedMemory, *, owner: bool) -> None:
         self._memory = memory
         self._owner = owner
-        self._snapshot_buffer: np.ndarray | None = None
         self.table = CardStateTable.attach(memory.buf)
 
     @classmethod
@@ -90,39 +89,39 @@ class SharedCardState:
         return peek_features(self.table, tx, out)
 
     def snapshot(self, path: Path) -> None:
-        """Snapshot to ``path`` (atomically), copied :data:`SNAPSHOT_CHUNK_SLOTS` slots at
-        a time, each chunk under the table's lock: a worker waits for one chunk (~0.1 ms
-        once the table's pages are in memory) at most. Copied whole under one hold, the
-        default 268 MB table kept every worker waiting 17-390 ms per snapshot.
+        """Snapshot the table's cards to ``path`` (atomically; only occupied slots are
+        written, see :func:`~riskwire.kernels.state.write_snapshot`).
 
-        Every slot is copied whole, but chunks at different moments: a card a worker
+        The cards are copied :data:`SNAPSHOT_CHUNK_SLOTS` slots at a time, each chunk
+        under the table's lock: a worker waits for one chunk at most. Chunks that held
+        no card when the keys were scanned (without the lock) are skipped.
+
+        Every card is copied whole, but chunks at different moments: a card a worker
         changes meanwhile is saved as it was before or after that change. A card
         inserted meanwhile may be missing (as if it came after the snapshot), or, when
         its probe passed a slot the copy had already taken while empty, saved where no
         lookup reaches it after a restore: then it starts over, as a new card would."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self._snapshot_buffer is None:
-            # Allocated and faulted in once, outside the lock: copying into fresh pages
-            # under the lock stalled every worker for up to a second per snapshot. (The
-            # fill writes every page; it also zeroes the alignment padding, as the table's.)
-            self._snapshot_buffer = np.empty(self.table.nbytes, dtype=np.uint8)
-            self._snapshot_buffer.fill(0)
-        copy = self._snapshot_buffer
         source = self.table
-        header = source.header
+        header, keys = source.header, source.keys
         owner = os.getpid()
-        with _locked(header, owner):  # the header first: it formats the copy
-            copy[: header.nbytes] = header.view(np.uint8)
-        target = CardStateTable.attach(copy)
-        capacity = len(source.keys)
-        for start in range(0, capacity, SNAPSHOT_CHUNK_SLOTS):
-            end = min(start + SNAPSHOT_CHUNK_SLOTS, capacity)
+        chunks = np.unique(np.flatnonzero(keys) // SNAPSHOT_CHUNK_SLOTS).tolist()
+        slots, records = [], []
+        for chunk in chunks:
+            start = chunk * SNAPSHOT_CHUNK_SLOTS
             with _locked(header, owner):
-                for mine, theirs in zip(target.arrays[1:], source.arrays[1:], strict=True):
-                    mine[start:end] = theirs[start:end]
+                found = np.flatnonzero(keys[start : start + SNAPSHOT_CHUNK_SLOTS]) + start
+                records.append(source.records(found))
+            slots.append(found)
         with _locked(header, owner):  # counters as of the last chunk
-            target.header[:] = header
-        target.snapshot(path)
+            counters = header.copy()
+        empty = np.empty(0, np.int64)
+        write_snapshot(
+            path,
+            counters,
+            np.concatenate(slots) if slots else empty,
+            np.concatenate(records) if records else source.records(empty),
+        )
 
     def break_lock_of(self, pid: int) -> bool:
         """Free the table lock if process ``pid`` (dead) still holds it."""

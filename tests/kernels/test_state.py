@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -22,6 +24,7 @@ from riskwire.kernels.state import (
     HASH_SHIFT,
     CardStateTable,
     SnapshotError,
+    write_snapshot,
 )
 
 TXN_COUNT = FEATURE_NAMES.index("card_txn_count")
@@ -160,6 +163,59 @@ def test_snapshot_restore_round_trip(tmp_path) -> None:
     assert np.array_equal(compute_features(into, rest), expected, equal_nan=True)
 
 
+def test_snapshot_holds_only_the_cards(tmp_path) -> None:
+    """A snapshot's size follows the cards in the table, not its capacity."""
+    table = CardStateTable.create(1 << 16)
+    compute_features(table, stream(seed=7, n=500, n_cards=50))
+    path = tmp_path / "cards.snap"
+    table.snapshot(path)
+    assert path.stat().st_size == 64 + 64 + table.occupied * (8 + CARD_RECORD.itemsize)
+    assert table.nbytes > 100 * path.stat().st_size
+    restored = CardStateTable.restore(path)
+    for mine, theirs in zip(table.arrays, restored.arrays, strict=True):
+        assert np.array_equal(mine, theirs)
+
+    empty = CardStateTable.create(64)
+    empty.snapshot(path)
+    assert CardStateTable.restore(path).occupied == 0
+
+
+def test_restore_reads_full_table_snapshots(tmp_path) -> None:
+    """Format 1 (the table's bytes verbatim, written before format 2) still restores."""
+    table = compute_features_offline(stream(seed=8, n=300, n_cards=30))[1]
+    body = table._bytes.tobytes()
+    head = struct.pack(
+        "<8sIIQQQI", b"RWSNAP\0\0", 1, 1, table.capacity, table.probe_limit, len(body),
+        zlib.crc32(body),
+    ).ljust(64, b"\0")  # fmt: skip
+    path = tmp_path / "cards.snap"
+    path.write_bytes(head + body)
+    restored = CardStateTable.restore(path)
+    for mine, theirs in zip(table.arrays, restored.arrays, strict=True):
+        assert np.array_equal(mine, theirs)
+    path.write_bytes(head + body[:-1] + bytes([body[-1] ^ 1]))
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        CardStateTable.restore(path)
+
+
+def test_restore_rejects_slots_that_cannot_be(tmp_path) -> None:
+    """A well-checksummed file whose slot numbers or keys make no table is refused."""
+    table = compute_features_offline(stream(seed=9, n=200, n_cards=20))[1]
+    slots = np.flatnonzero(table.keys)
+    path = tmp_path / "cards.snap"
+    for bad_slots, bad_keys, message in (
+        (slots[::-1].copy(), False, "out of order"),
+        (np.r_[slots[:-1], table.capacity], False, "out of order"),
+        (slots, True, "has no card"),
+    ):
+        records = table.records(slots)
+        if bad_keys:
+            records["keys"][0] = 0
+        write_snapshot(path, table.header, bad_slots, records)
+        with pytest.raises(SnapshotError, match=message):
+            CardStateTable.restore(path)
+
+
 def test_failed_snapshot_leaves_old_file_and_no_temp(tmp_path, monkeypatch) -> None:
     table = compute_features_offline(stream(seed=4, n=100, n_cards=10))[1]
     path = tmp_path / "cards.snap"
@@ -182,7 +238,7 @@ def test_restore_rejects_bad_files(tmp_path) -> None:
     cases = {
         "truncated snapshot": good[: len(good) // 2],
         "truncated snapshot \\(header": good[:10],
-        "checksum mismatch": good[:5000] + bytes([good[5000] ^ 1]) + good[5001:],
+        "checksum mismatch": good[:-100] + bytes([good[-100] ^ 1]) + good[-99:],
         "trailing bytes": good + b"\0",
         "not a card state snapshot": b"PK\x03\x04" + good[4:],
     }

@@ -111,11 +111,34 @@ def test_snapshot_holds_the_lock_for_one_chunk_at_a_time(tmp_path, monkeypatch) 
     try:
         state.update(cards([f"card-{i}" for i in range(300)], 1_000), np.empty((300, 23)))
         state.snapshot(tmp_path / "cards.snapshot")
-        assert len(holds) == 1024 // 128 + 2  # the header, 8 chunks, the counters
+        assert len(holds) == 1024 // 128 + 1  # 8 chunks, each with cards; the counters
         restored = CardStateTable.restore(tmp_path / "cards.snapshot")
         for name in ("keys", "last_time_ms", "counts", "stats", "merchants", "countries"):
             assert np.array_equal(getattr(restored, name), getattr(state.table, name)), name
         assert restored.occupied == state.table.occupied == 300
+    finally:
+        state.close()
+
+
+def test_snapshot_skips_chunks_without_cards(tmp_path, monkeypatch) -> None:
+    """A sparse table: the lock is taken only for chunks that hold cards, and the file
+    holds only the cards."""
+    from riskwire.kernels.state import CardStateTable
+    from riskwire.server import state as state_module
+
+    monkeypatch.setattr(state_module, "SNAPSHOT_CHUNK_SLOTS", 128)
+    holds, lock = [], state_module.spin_lock
+    monkeypatch.setattr(state_module, "spin_lock", lambda *a: holds.append(1) or lock(*a))
+    state = SharedCardState.create(1 << 14)
+    try:
+        state.update(cards([f"card-{i}" for i in range(10)], 1_000), np.empty((10, 23)))
+        holds.clear()
+        state.snapshot(tmp_path / "cards.snapshot")
+        assert len(holds) <= 10 + 1  # of 128 chunks
+        assert (tmp_path / "cards.snapshot").stat().st_size < 4096
+        restored = CardStateTable.restore(tmp_path / "cards.snapshot")
+        for name in ("keys", "last_time_ms", "counts", "stats", "merchants", "countries"):
+            assert np.array_equal(getattr(restored, name), getattr(state.table, name)), name
     finally:
         state.close()
 
