@@ -282,14 +282,20 @@ class CardStateTable:
         with open(path, "rb") as f:
             capacity, probe_limit, nbytes, body = _read_snapshot_header(f, path)
             buffer = np.zeros(nbytes, dtype=np.uint8)
-            body(buffer)
+            body(buffer, True)
         return cls(buffer)
 
     @classmethod
     def restore_into(
-        cls, path: str | os.PathLike[str], buffer: memoryview | bytearray | np.ndarray
+        cls,
+        path: str | os.PathLike[str],
+        buffer: memoryview | bytearray | np.ndarray,
+        *,
+        zeroed: bool = False,
     ) -> CardStateTable:
         """Load a snapshot into ``buffer`` (e.g. shared memory) and return a view of it.
+        With ``zeroed`` (fresh shared memory), the empty slots are not written: only
+        the pages of saved cards are touched.
 
         On a corrupt file the buffer's header is wiped, so nothing can attach to
         half-loaded state, and :class:`SnapshotError` is raised.
@@ -300,7 +306,7 @@ class CardStateTable:
             if raw.size < nbytes:
                 raise ValueError(f"buffer has {raw.size} bytes, snapshot needs {nbytes}")
             try:
-                body(raw[:nbytes])
+                body(raw[:nbytes], zeroed)
             except BaseException:
                 raw[: HEADER_LEN * 8] = 0
                 raise
@@ -359,9 +365,10 @@ def _writable_bytes(buffer: memoryview | bytearray | np.ndarray) -> np.ndarray:
     return raw
 
 
-def _read_snapshot_header(f, path) -> tuple[int, int, int, Callable[[np.ndarray], None]]:
+def _read_snapshot_header(f, path) -> tuple[int, int, int, Callable[[np.ndarray, bool], None]]:
     """Validate a snapshot's header; returns capacity, probe_limit, the table's byte size
-    and a function that reads the body into a buffer of that size (checking it)."""
+    and a function that reads the body into a buffer of that size, checking it (its
+    second argument: whether the buffer is known to be zero-filled)."""
     head = f.read(_FILE_HEADER_LEN)
     if len(head) < _FILE_HEADER_LEN:
         raise SnapshotError(f"{path}: truncated snapshot (header is {len(head)} bytes)")
@@ -385,12 +392,12 @@ def _read_snapshot_header(f, path) -> tuple[int, int, int, Callable[[np.ndarray]
     if nbytes != _layout(capacity)[1] or cards > capacity:
         raise SnapshotError(f"{path}: corrupt snapshot header (size does not match capacity)")
 
-    def read_full(out: np.ndarray) -> None:
+    def read_full(out: np.ndarray, zeroed: bool) -> None:
         _read_exactly(f, out, path, "table")
         if zlib.crc32(out) != crc:
             raise SnapshotError(f"{path}: corrupt snapshot (checksum mismatch)")
 
-    def read_cards(out: np.ndarray) -> None:
+    def read_cards(out: np.ndarray, zeroed: bool) -> None:
         table_header = np.empty(HEADER_LEN, "<i8")
         slots = np.empty(cards, "<i8")
         records = np.empty(cards, CARD_RECORD)
@@ -402,13 +409,13 @@ def _read_snapshot_header(f, path) -> tuple[int, int, int, Callable[[np.ndarray]
             raise SnapshotError(f"{path}: corrupt snapshot (slot numbers out of order)")
         if not np.all(records["keys"]):
             raise SnapshotError(f"{path}: corrupt snapshot (a saved slot has no card)")
-        table = CardStateTable(out, capacity, probe_limit=probe_limit)  # zero-filled
+        table = CardStateTable(out, capacity, probe_limit=probe_limit, zero=not zeroed)
         table.put_records(slots, records)
         table.header[HDR_OCCUPIED] = cards
         table.header[HDR_EVICTIONS] = table_header[HDR_EVICTIONS]
 
-    def read_body(out: np.ndarray) -> None:
-        (read_full if version == _FULL_FILE_VERSION else read_cards)(out)
+    def read_body(out: np.ndarray, zeroed: bool) -> None:
+        (read_full if version == _FULL_FILE_VERSION else read_cards)(out, zeroed)
         if f.read(1):
             raise SnapshotError(f"{path}: corrupt snapshot (trailing bytes after the table)")
         out[HDR_LOCK * 8 : (HDR_LOCK + 1) * 8] = 0  # a lock held at snapshot time is void

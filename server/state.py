@@ -57,7 +57,7 @@ class SharedCardState:
         restored = False
         if snapshot is not None and snapshot.exists():
             try:
-                CardStateTable.restore_into(snapshot, memory.buf)
+                CardStateTable.restore_into(snapshot, memory.buf, zeroed=True)
                 restored = True
                 log.info("restored card state from %s", snapshot)
             except (SnapshotError, ValueError, OSError) as exc:

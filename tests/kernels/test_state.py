@@ -172,8 +172,9 @@ def test_snapshot_holds_only_the_cards(tmp_path) -> None:
     assert path.stat().st_size == 64 + 64 + table.occupied * (8 + CARD_RECORD.itemsize)
     assert table.nbytes > 100 * path.stat().st_size
     restored = CardStateTable.restore(path)
-    for mine, theirs in zip(table.arrays, restored.arrays, strict=True):
-        assert np.array_equal(mine, theirs)
+    into = CardStateTable.restore_into(path, bytearray(table.nbytes), zeroed=True)
+    for mine, theirs, fresh in zip(table.arrays, restored.arrays, into.arrays, strict=True):
+        assert np.array_equal(mine, theirs) and np.array_equal(mine, fresh)
 
     empty = CardStateTable.create(64)
     empty.snapshot(path)
