@@ -276,6 +276,12 @@ class CardStateTable:
         slots = np.flatnonzero(self.keys)
         write_snapshot(path, self.header, slots, self.records(slots))
 
+    @staticmethod
+    def snapshot_capacity(path: str | os.PathLike[str]) -> int:
+        """The capacity of the table a snapshot was taken from (its header checked)."""
+        with open(path, "rb") as f:
+            return _read_snapshot_header(f, path)[0]
+
     @classmethod
     def restore(cls, path: str | os.PathLike[str]) -> CardStateTable:
         """Load a snapshot into a new private table."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from riskwire.kernels.atomics import break_lock, spin_lock, spin_unlock
 from riskwire.kernels.encoding import TransactionArrays
-from riskwire.kernels.features import compute_features, peek_features
+from riskwire.kernels.features import card_slots, compute_features, peek_features
 from riskwire.kernels.state import HDR_LOCK, CardStateTable, SnapshotError, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,8 @@ class SharedCardState:
         restored = False
         if snapshot is not None and snapshot.exists():
             try:
-                CardStateTable.restore_into(snapshot, memory.buf, zeroed=True)
+                _restore(snapshot, memory.buf, capacity)
                 restored = True
-                log.info("restored card state from %s", snapshot)
             except (SnapshotError, ValueError, OSError) as exc:
                 log.warning(
                     "card state snapshot %s not restored (%s); starting empty", snapshot, exc
@@ -135,6 +134,28 @@ class SharedCardState:
         if self._owner:
             with contextlib.suppress(FileNotFoundError):
                 self._memory.unlink()
+
+
+def _restore(snapshot: Path, buffer: memoryview, capacity: int) -> None:
+    """Load ``snapshot`` into fresh (zeroed) shared memory formatted for ``capacity``
+    slots. A snapshot of another capacity has its cards inserted anew, oldest first
+    (a smaller table evicts the oldest, as serving would)."""
+    if CardStateTable.snapshot_capacity(snapshot) == capacity:
+        CardStateTable.restore_into(snapshot, buffer, zeroed=True)
+        log.info("restored card state from %s", snapshot)
+        return
+    saved = CardStateTable.restore(snapshot)
+    table = CardStateTable(buffer, capacity, zero=False)
+    cards = np.flatnonzero(saved.keys)
+    records = saved.records(cards[np.argsort(saved.last_time_ms[cards], kind="stable")])
+    slots = card_slots(table, records["keys"])
+    # A card evicted by a later one left its slot to it: write each slot's last card.
+    last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
+    table.put_records(slots[last], records[last])
+    log.warning(
+        "card state snapshot %s has %d slots, the table %d: %d of its %d cards moved in",
+        snapshot, saved.capacity, capacity, len(last), len(cards),
+    )  # fmt: skip
 
 
 def default_snapshot_dir() -> Path:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from riskwire.kernels.atomics import spin_lock
 from riskwire.kernels.encoding import encode_columns
@@ -141,6 +142,34 @@ def test_snapshot_skips_chunks_without_cards(tmp_path, monkeypatch) -> None:
             assert np.array_equal(getattr(restored, name), getattr(state.table, name)), name
     finally:
         state.close()
+
+
+@pytest.mark.parametrize("capacity", [1 << 12, 256])
+def test_snapshot_of_another_capacity_moves_the_cards_in(tmp_path, capacity) -> None:
+    """A changed ``state_capacity`` keeps the table's configured size: the snapshot's
+    cards are inserted anew, each whole; a smaller table keeps what fits."""
+    names = [f"card-{i}" for i in range(300)]
+    keys = [int(cards([card], 0).card_key[0]) for card in names]
+    old = SharedCardState.create(1024)
+    try:
+        for i in range(0, 300, 30):  # later cards are newer
+            old.update(cards(names[i : i + 30], 1_000 + i), np.empty((30, 23)))
+        before = {key: record_of(old.table, key) for key in keys}
+        old.snapshot(tmp_path / "cards.snapshot")
+    finally:
+        old.close()
+    new = SharedCardState.create(capacity, snapshot=tmp_path / "cards.snapshot")
+    try:
+        assert new.table.capacity == capacity
+        kept = [key for key in keys if new.table.find(key) >= 0]
+        assert new.table.occupied == len(kept)
+        assert all(record_of(new.table, key) == before[key] for key in kept)
+        if capacity > 1024:
+            assert len(kept) == 300
+        else:
+            assert 0 < len(kept) <= 256 and new.table.evictions == 300 - len(kept)
+    finally:
+        new.close()
 
 
 def test_snapshot_during_updates_saves_each_card_whole(tmp_path, monkeypatch) -> None:
