@@ -2,8 +2,10 @@
 
 Four servers, the same worker count (one per core), the same LightGBM model:
 
-1. riskwire (``riskwire serve --profile test``): raw transaction in, validation,
-   features with per-card state, forest, decision;
+1. riskwire (``riskwire serve --profile dev``: every setting at its default, as in
+   production: the 1M-slot card table, snapshots every 60 s, prediction-log segments
+   every 5 s): raw transaction in, validation, features with per-card state, forest,
+   decision;
 2. MLServer + mlserver-lightgbm (own venv), the best of the configurations tried first
    (``parallel_workers``, adaptive batching; see ``perf/mlserver_peer.py``);
 3. FastAPI + LightGBM under uvicorn (own venv, ``perf/fastapi_peer.py``);
@@ -304,7 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         add(f"--skip-{peer}", action="store_true", help=f"leave {peer} out")
         add(f"--with-{peer}", action="store_true", help=f"smoke: install {peer} when absent")
     add("--smoke", action="store_true", help="1.5 s points at concurrency 1,8; absent peers skip")
-    add("--profile", default="test", help="riskwire serve --profile")
+    add("--profile", default="dev", help="riskwire serve --profile (dev: the defaults)")
     add("--json", action="store_true", help="print the JSON summary as the last line")
     add("--out", type=Path, help="results directory")
     add("--keep-logs", action="store_true", help="keep h2load's per-request logs")
