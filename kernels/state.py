@@ -326,8 +326,8 @@ def write_snapshot(
 
     ``header`` is the table's header (its counters as of the snapshot), ``slots`` the
     increasing slot numbers of the saved cards and ``records`` their
-    :data:`CARD_RECORD` rows. The file holds only those cards: a table of a few
-    thousand cards writes a few hundred KB, whatever its capacity.
+    :data:`CARD_RECORD` rows. The file holds only those cards (264 bytes each): 5,000
+    cards make 1.3 MB, whatever the table's capacity.
     """
     slots = np.ascontiguousarray(slots, dtype="<i8")
     records = np.ascontiguousarray(records, dtype=CARD_RECORD)

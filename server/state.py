@@ -64,8 +64,9 @@ class SharedCardState:
                     "card state snapshot %s not restored (%s); starting empty", snapshot, exc
                 )
         if not restored:
-            # Fresh shared memory is zero-filled by the kernel: no need to write it.
-            CardStateTable(memory.buf, capacity, zero=False)
+            # Fresh shared memory is zero-filled by the kernel: no need to write it,
+            # unless a failed restore wrote into it.
+            CardStateTable(memory.buf, capacity, zero=snapshot is not None and snapshot.exists())
         return cls(memory, owner=True)
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 
@@ -170,6 +171,23 @@ def test_snapshot_of_another_capacity_moves_the_cards_in(tmp_path, capacity) -> 
             assert 0 < len(kept) <= 256 and new.table.evictions == 300 - len(kept)
     finally:
         new.close()
+
+
+def test_corrupt_snapshot_starts_an_empty_table(tmp_path) -> None:
+    """A full-table snapshot (format 1) whose checksum fails was read into the shared
+    memory before the check: the table must start empty, not with its bytes."""
+    from riskwire.kernels.state import CardStateTable
+
+    nbytes = CardStateTable.nbytes_for(1024)
+    head = struct.pack("<8sIIQQQI", b"RWSNAP\0\0", 1, 1, 1024, 32, nbytes, 0).ljust(64, b"\0")
+    body = CardStateTable(bytearray(nbytes), 1024)._bytes.copy()
+    body[64:] = 0xAB  # every slot "holds a card"
+    (tmp_path / "cards.snapshot").write_bytes(head + body.tobytes())
+    state = SharedCardState.create(1024, snapshot=tmp_path / "cards.snapshot")
+    try:
+        assert state.table.occupied == 0 and not state.table.keys.any()
+    finally:
+        state.close()
 
 
 def test_snapshot_during_updates_saves_each_card_whole(tmp_path, monkeypatch) -> None:
