@@ -54,19 +54,18 @@ class SharedCardState:
         """New shared table (supervisor side), restored from ``snapshot`` when it exists."""
         size = CardStateTable.nbytes_for(capacity)
         memory = shared_memory.SharedMemory(create=True, size=size)
-        restored = False
-        if snapshot is not None and snapshot.exists():
+        tried = snapshot is not None and snapshot.exists()
+        if tried:
             try:
                 _restore(snapshot, memory.buf, capacity)
-                restored = True
+                return cls(memory, owner=True)
             except (SnapshotError, ValueError, OSError) as exc:
                 log.warning(
                     "card state snapshot %s not restored (%s); starting empty", snapshot, exc
                 )
-        if not restored:
-            # Fresh shared memory is zero-filled by the kernel: no need to write it,
-            # unless a failed restore wrote into it.
-            CardStateTable(memory.buf, capacity, zero=snapshot is not None and snapshot.exists())
+        # Fresh shared memory is zero-filled by the kernel: no need to write it, unless
+        # a failed restore wrote into it.
+        CardStateTable(memory.buf, capacity, zero=tried)
         return cls(memory, owner=True)
 
     @classmethod
