@@ -89,6 +89,9 @@ class Settings:
     # (perf/bench_prediction_log.py; 100% cost 5.6-6.6%).
     prediction_log_rate: float = 25.0
     prediction_log_card_ids: bool = False  # also log raw card ids (else only their hash)
+    # Where segments are built and written: "process" (a low-priority process per worker,
+    # off the worker's core and GIL) or "thread" (the worker's own background thread).
+    prediction_log_writer: str = "process"
     # Retention (0 = keep): prediction-log segments, and review cases once labelled and in
     # the label store. Labels and shadow records are kept (reports and exports join them).
     prediction_log_retention_days: float = 0.0
@@ -214,6 +217,10 @@ class Settings:
             raise SettingsError("shadow_timeout_s and shadow_flush_seconds must be > 0")
         if self.shadow_scorer not in ("process", "thread"):
             raise SettingsError(f"shadow_scorer {self.shadow_scorer!r} is not process or thread")
+        if self.prediction_log_writer not in ("process", "thread"):
+            raise SettingsError(
+                f"prediction_log_writer {self.prediction_log_writer!r} is not process or thread"
+            )
         if self.shadow_priority not in ("idle", "normal"):
             raise SettingsError(f"shadow_priority {self.shadow_priority!r} is not idle or normal")
         for name in (

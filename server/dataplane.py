@@ -285,7 +285,7 @@ class DataPlane:
                 probability, decision, card_key,
                 (card_id, merchant_id, mcc, amount, currency, country, card_country, channel,
                  int(event_time_ms)),
-                row.copy(), flags,
+                row.tobytes(), flags,
             )  # fmt: skip
         review = self.review
         if review is not None:

@@ -476,6 +476,7 @@ def _start_prediction_log(worker_id, settings):  # noqa: ANN001, ANN202
         card_ids=settings.prediction_log_card_ids,
         flush_seconds=settings.shadow_flush_seconds,
         flush_rows=settings.shadow_flush_rows,
+        writer=settings.prediction_log_writer,
     )
     log_.start()
     return log_

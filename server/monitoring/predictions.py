@@ -1,9 +1,12 @@
 """The prediction log: every primary answer (or a sample), for live performance once
 delayed labels arrive.
 
-Handlers append a tuple to a deque (no lock, no I/O); a background thread moves what
-accumulated into Parquet segments under ``<shadow_dir>/predictions/`` (the same
-atomic segment writer as the shadow records, next to the labels it is joined with).
+Handlers append a tuple to a deque (no lock, no I/O). A background thread takes what
+accumulated, a slice at a time, and hands it to the writer: by default a process of its
+own at low priority (``server/monitoring/prediction_writer.py``) that turns the rows into
+columns and writes Parquet segments under ``<shadow_dir>/predictions/`` (the same
+atomic segment writer as the shadow records, next to the labels it is joined with);
+with ``writer="thread"``, the thread does that itself, in the worker.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ from riskwire.shadow.records import (
     SegmentWriter,
 )
 
+from .prediction_writer import SegmentProcess, singles_columns
+
 log = logging.getLogger(__name__)
-_DRAIN_SLICE = 512  # queued calls turned into columns at a time
+_DRAIN_SLICE = 512  # queued calls handed to the writer at a time
+WRITERS = ("process", "thread")
 
 
 def _picker(rows: list[int]) -> Callable[[Sequence], tuple]:
@@ -59,7 +65,11 @@ class _Batch:
 
 class PredictionLog:
     """One worker's prediction log: answers with their inputs as received and features
-    as served. Raw card ids are left out (null) unless ``card_ids`` allows them."""
+    as served. Raw card ids are left out (null) unless ``card_ids`` allows them.
+
+    ``writer`` is where segments are built and written: ``"process"`` (a process of the
+    worker's own, started by :meth:`start`; when it cannot be started, as with
+    ``"thread"``) or ``"thread"`` (this worker's background thread)."""
 
     def __init__(
         self,
@@ -71,19 +81,32 @@ class PredictionLog:
         flush_rows: int = 10_000,
         flush_seconds: float = 5.0,
         drain_s: float = 0.5,
+        writer: str = "thread",
     ) -> None:
+        if writer not in WRITERS:
+            raise ValueError(f"prediction log writer {writer!r} is not one of {WRITERS}")
         self.worker = worker
         self.rate_percent = rate_percent
         self.card_ids = card_ids
         self._pending: deque = deque()
         self._random = random.random
-        self._writer = SegmentWriter(
+        self._writer: SegmentWriter | SegmentProcess = SegmentWriter(
             directory / PREDICTIONS,
             PREDICTION_SCHEMA,
             worker=worker,
             flush_rows=flush_rows,
             flush_seconds=flush_seconds,
         )
+        self._process: SegmentProcess | None = None
+        if writer == "process":
+            self._process = SegmentProcess(
+                directory,
+                worker,
+                rate_percent=rate_percent,
+                card_ids=card_ids,
+                flush_rows=flush_rows,
+                flush_seconds=flush_seconds,
+            )
         self._drain_s = drain_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
@@ -104,12 +127,12 @@ class PredictionLog:
         decision: str,
         card_key: int,
         raw: tuple,
-        features: np.ndarray,
+        features: bytes,
         flags: tuple[str, ...],
     ) -> None:
         """Log one answer the caller chose with :meth:`sampled`. ``raw`` holds the inputs
         as received in :data:`RAW_COLUMNS` order (event time as scored, in ms);
-        ``features`` must not be written to afterwards (pass a copy of a reused buffer)."""
+        ``features`` is the served feature row as float64 bytes (``row.tobytes()``)."""
         self._pending.append(
             (request_id, transaction_id, time_ms, model, version, probability, decision,
              card_key, raw, features, flags)
@@ -148,17 +171,37 @@ class PredictionLog:
         """Calls waiting for the writer thread."""
         return len(self._pending)
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid (None when segments are written in this process)."""
+        return self._writer.process_pid if isinstance(self._writer, SegmentProcess) else None
+
     def start(self) -> None:
-        """Start the background writer."""
+        """Start the writer process (when asked for) and the background thread."""
+        if self._process is not None:
+            try:
+                self._process.start()
+                self._writer = self._process
+            except OSError as exc:
+                log.error("prediction log writer process not started, writing here: %s", exc)
         self._thread.start()
 
+    def flush(self) -> None:
+        """Return once every answer logged so far is in a segment on disk (for tests and
+        tools; the background thread must not be draining at the same time)."""
+        self._drain()
+        self._writer.flush()
+
     def stop(self) -> None:
-        """Write everything pending."""
+        """Write everything pending (and end the writer process)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
         self._drain()
-        self._writer.flush()
+        if isinstance(self._writer, SegmentProcess):
+            self._writer.close()  # it writes what it received, then exits
+        else:
+            self._writer.flush()
 
     def _drain(self) -> None:
         pending = self._pending
@@ -169,7 +212,7 @@ class PredictionLog:
                 items = [pending.popleft() for _ in range(min(len(pending), _DRAIN_SLICE))]
                 singles = [item for item in items if not isinstance(item, _Batch)]
                 if singles:
-                    self._writer.add_rows(self._singles_columns(singles))
+                    self._add_singles(singles)
                 for item in items:
                     if isinstance(item, _Batch):
                         self._writer.add_rows(self._batch_columns(item))
@@ -177,18 +220,12 @@ class PredictionLog:
         except OSError as exc:
             log.error("prediction log could not be written: %s", exc)
 
-    def _singles_columns(self, singles: list[tuple]) -> list[Sequence]:
-        (ids, transactions, times, models, versions, probabilities, decisions, card_keys,
-         raws, features, flags) = zip(*singles, strict=True)  # fmt: skip
-        n = len(singles)
-        raw_columns = list(zip(*raws, strict=True))
-        if not self.card_ids:
-            raw_columns[0] = (None,) * n
-        return [
-            ids, transactions, times, (self.worker,) * n, models, versions, probabilities,
-            decisions, card_keys, *raw_columns, (self.rate_percent / 100.0,) * n,
-            [";".join(f) if f else None for f in flags], *np.vstack(features).T,
-        ]  # fmt: skip
+    def _add_singles(self, singles: list[tuple]) -> None:
+        writer = self._writer
+        if isinstance(writer, SegmentProcess):
+            writer.add_singles(singles)  # the process builds their columns
+        else:
+            writer.add_rows(singles_columns(singles, self.worker, self.rate_percent, self.card_ids))
 
     def _batch_columns(self, batch: _Batch) -> list[Sequence]:
         rows = batch.rows.tolist()

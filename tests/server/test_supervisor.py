@@ -285,6 +285,7 @@ def test_request_log_size_may_be_a_fraction_of_a_megabyte() -> None:
         ({"environ": {"RISKWIRE_MAX_BATCH_ROWS": "0"}}, "max_batch_rows"),
         ({"environ": {"RISKWIRE_DEFAULT_TOP_REASONS": "11"}}, "default_top_reasons"),
         ({"environ": {"RISKWIRE_REQUEST_LOG_MAX_MB": "0"}}, "request_log_max_mb"),
+        ({"environ": {"RISKWIRE_PREDICTION_LOG_WRITER": "fork"}}, "prediction_log_writer"),
     ],
 )
 def test_bad_values_raise_settings_error_naming_the_setting(kwargs: dict, name: str) -> None:
