@@ -29,7 +29,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import child_process
 from .config import ShadowConfig
 from .mirror import MirrorSettings, PairKey, PairRecorder, TargetSpec
 from .ring import MirrorRing
@@ -110,15 +110,8 @@ class ScorerProcess:
         if self.ring is None:
             raise RuntimeError("attach the mirror ring before starting the scorer process")
         self._spawned = True
-        parent, child = socket.socketpair()
-        with child:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(child.fileno()), str(self.ring.fd)],
-                pass_fds=(child.fileno(), self.ring.fd),
-                stdin=subprocess.DEVNULL,
-            )
+        self._process, self._conn = child_process.spawn(__name__, self.ring.fd)
         self._started_at = time.monotonic()
-        self._conn = Connection(parent.detach())
         self._conn.send(("start", self._start))
         if self._configure_message is not None:
             self._conn.send(self._configure_message)
@@ -152,13 +145,8 @@ class ScorerProcess:
         return True
 
     def _reap(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.close()
-            self._conn = None
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        child_process.kill(self._conn, self._process)
+        self._conn = None
 
     # ------------------------------------------------------------------ recorder API
     def configure(
@@ -227,23 +215,13 @@ class ScorerProcess:
             self._idle.close(queued)
             return
         self.publish(queued)
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.close()
-            self._conn = None
-        if self._process is not None:
-            try:
-                self._process.wait(CLOSE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.error("shadow scorer process did not finish in %.0f s", CLOSE_TIMEOUT_S)
-                self._process.kill()
-                self._process.wait()
+        child_process.finish(self._conn, self._process, CLOSE_TIMEOUT_S, "shadow scorer process")
+        self._conn = None
 
 
 def _lower_priority(idle: bool) -> None:
     """Run on any core, at idle priority when asked (Linux; elsewhere as is)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    child_process.run_anywhere()
     if idle:
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

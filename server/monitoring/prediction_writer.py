@@ -28,7 +28,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from riskwire.shadow import child_process
 from riskwire.shadow.records import PREDICTION_SCHEMA, PREDICTIONS, SegmentWriter
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,8 @@ class SegmentProcess:
 
     def start(self) -> None:
         """Start the process (raises OSError when it cannot be started)."""
-        parent, child = socket.socketpair()
-        with child:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(child.fileno())],
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+        self._process, self._conn = child_process.spawn(__name__)
         self._started_at = time.monotonic()
-        self._conn = Connection(parent.detach())
         self._conn.send(("start", self._start))
 
     def add_singles(self, singles: list[tuple]) -> None:
@@ -155,17 +148,9 @@ class SegmentProcess:
     def close(self) -> None:
         """Let the process write what it received and exit (within a timeout)."""
         with self._lock:
-            if self._conn is not None:
-                with contextlib.suppress(OSError):
-                    self._conn.close()
-                self._conn = None
-            if self._process is not None:
-                try:
-                    self._process.wait(REPLY_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    log.error("prediction log writer did not finish in %.0f s", REPLY_TIMEOUT_S)
-                    self._process.kill()
-                    self._process.wait()
+            name = "prediction log writer"
+            child_process.finish(self._conn, self._process, REPLY_TIMEOUT_S, name)
+            self._conn = None
 
     def _send(self, message: tuple) -> None:
         with self._lock:
@@ -188,13 +173,8 @@ class SegmentProcess:
                 self._restart()
 
     def _restart(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.close()
-            self._conn = None
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        child_process.kill(self._conn, self._process)
+        self._conn = None
         self.restarts += 1
         self.start()
 
@@ -243,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     kind, start = conn.recv()
     if kind != "start":
         raise SystemExit(f"prediction log writer: expected 'start', got {kind!r}")
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # not the worker's one core
+    child_process.run_anywhere()  # not only the worker's core
     with contextlib.suppress(OSError):
         os.nice(19)
     logging.basicConfig(
