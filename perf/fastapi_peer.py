@@ -7,24 +7,33 @@
 out; no per-card state, no validation). ``GET /health`` answers ``{"status": "ok"}``.
 
 It runs under uvicorn (uvloop, httptools, no access log) with one worker process per
-core and ``OMP_NUM_THREADS=1`` (LightGBM's default of one OpenMP thread per core in every
-worker oversubscribes the cores: throughput collapses under concurrent load), in its own
-virtual environment (``perf/results/peers/fastapi-venv``) created by :func:`ensure_venv`.
+core, each on its own SO_REUSEPORT listener with new connections handed out in turn
+(see :func:`serve`), and ``OMP_NUM_THREADS=1`` (LightGBM's default of one OpenMP thread
+per core in every worker oversubscribes the cores: throughput collapses under concurrent
+load), in its own virtual environment (``perf/results/peers/fastapi-venv``) created by
+:func:`ensure_venv`.
 
-This module is imported in two places, so its top level uses the standard library only
+This module is used in three places, so its top level uses the standard library only
 (and no ``from __future__ import annotations``: FastAPI must see the request model):
 
 * by ``perf/run.py`` (riskwire's venv): venv set-up, the server command, a probe, and
   the plumbing both peers share (at the end: venvs, server processes, load targets);
-* by uvicorn in the peer venv: ``uvicorn --factory perf.fastapi_peer:create_app`` with
+* as ``python -m perf.fastapi_peer --port P --workers N`` in the peer venv: the
+  listeners and the uvicorn processes (:func:`serve`);
+* by each uvicorn worker: ``uvicorn --factory perf.fastapi_peer:create_app --fd K`` with
   ``RISKWIRE_PEER_MODEL`` naming the model file.
 """
 
+import argparse
+import importlib.util
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / "perf" / "results" / "peers" / "fastapi-venv"
 MODEL_ENV = "RISKWIRE_PEER_MODEL"
 READY_PATTERN = r"Application startup complete"
+BACKLOG = 2048
 PACKAGES = ("fastapi", "uvicorn", "starlette", "pydantic", "lightgbm", "numpy", "uvloop")
 
 
@@ -103,12 +113,83 @@ def ensure_venv(lightgbm_version: str, log: Callable[[str], None] = print) -> st
 
 
 def command(port: int, workers: int) -> list[str]:
-    """uvicorn with ``workers`` processes, uvloop + httptools, no access log."""
+    """The peer venv's python running :func:`serve`: ``workers`` uvicorn processes."""
     return [
-        str(python()), "-m", "uvicorn", "--factory", "perf.fastapi_peer:create_app",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "info",
+        str(python()), "-m", "perf.fastapi_peer", "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
+
+
+def uvicorn_command(fd: int) -> list[str]:
+    """One uvicorn worker on the listening socket ``fd``: uvloop + httptools, no access log."""
+    return [
+        sys.executable, "-m", "uvicorn", "--factory", "perf.fastapi_peer:create_app",
+        "--fd", str(fd), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+        "--log-level", "info",
+    ]  # fmt: skip
+
+
+def listeners(host: str, port: int, count: int) -> tuple[list[socket.socket], str]:
+    """``count`` SO_REUSEPORT sockets listening on ``host:port``, and how new connections
+    are spread over them: in turn (riskwire's eBPF round-robin, ``server/balance.py``)
+    or, where that cannot be attached, by the kernel's hash (and why)."""
+    sockets = []
+    for _ in range(count):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # uvicorn takes an inherited socket for a Unix one, so its event loop never sets
+        # TCP_NODELAY on the connections; they inherit it from the listener instead
+        # (without it, Nagle and delayed ACKs cap 32 connections at ~730 req/s).
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.bind((host, port))
+        listener.listen(BACKLOG)
+        sockets.append(listener)
+    if count < 2:
+        return sockets, "one listener"
+    # Loaded by path: it uses the standard library only, and riskwire is not installed here.
+    spec = importlib.util.spec_from_file_location("_balance", REPO / "server" / "balance.py")
+    balance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(balance)
+    try:
+        balance.spread_connections(port, count)
+    except balance.BalanceUnavailable as exc:
+        return sockets, f"by the kernel's hash ({exc})"
+    return sockets, "in turn"
+
+
+def serve(host: str, port: int, workers: int) -> int:
+    """Run ``workers`` uvicorn processes, each on its own SO_REUSEPORT listener, until
+    SIGTERM/SIGINT or one of them exits.
+
+    ``uvicorn --workers N`` shares one listening socket, and whichever worker wakes first
+    accepts a burst of new connections: h2load's 32 connections went 32 / 0 in two runs
+    of four (6.9k-7.0k req/s against 10.8k-11.6k when split). One listener per worker
+    with connections handed out in turn, as riskwire and the echo get them, measures
+    the service instead of that coin flip.
+    """
+    sockets, spread = listeners(host, port, workers)
+    print(f"fastapi-peer: {workers} uvicorn workers on {host}:{port}, new connections "
+          f"spread {spread}", flush=True)  # fmt: skip
+    children = [
+        subprocess.Popen(uvicorn_command(s.fileno()), pass_fds=(s.fileno(),)) for s in sockets
+    ]
+    for listener in sockets:
+        listener.close()  # the children hold them
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    while not stop.wait(0.2) and all(child.poll() is None for child in children):
+        pass
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
+    for child in children:
+        try:
+            child.wait(10.0)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return 0 if stop.is_set() else 1
 
 
 def environment(model_file: Path, omp_threads: int = 1) -> dict[str, str]:
@@ -129,6 +210,8 @@ def configuration(workers: int, omp_threads: int = 1) -> dict[str, Any]:
     return {
         "server": "uvicorn",
         "workers": workers,
+        "listeners": "one SO_REUSEPORT socket per worker; new connections in turn where "
+        "eBPF is allowed (the log's 'fastapi-peer:' line says which)",
         "OMP_NUM_THREADS": str(omp_threads) if omp_threads else "(unset)",
         "loop": "uvloop",
         "http": "httptools (HTTP/1.1)",
@@ -318,3 +401,17 @@ class Target:
         """The target as recorded in the results (no callables, no bytes)."""
         skip = ("message", "checker")
         return {k: str(v) for k, v in asdict(self).items() if k not in skip and v}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m perf.fastapi_peer --port P --workers N`` (in the peer venv)."""
+    parser = argparse.ArgumentParser(description="The FastAPI + LightGBM peer under uvicorn")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args(argv)
+    return serve(args.host, args.port, args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -167,6 +167,41 @@ def test_peer_request_bodies_round_trip() -> None:
     assert not fastapi_peer.same_probabilities([0.1], [0.2])
 
 
+def test_fastapi_peer_listeners_share_the_port_and_take_turns() -> None:
+    """Each of the peer's uvicorn workers gets its own listener (``uvicorn --fd``), with
+    TCP_NODELAY for its connections to inherit, and new connections come in turn."""
+    import socket
+
+    port = importlib.import_module("perf.loadgen").free_port()
+    listeners, spread = fastapi_peer.listeners("127.0.0.1", port, 2)
+    clients: list[socket.socket] = []
+    try:
+        for listener in listeners:
+            assert listener.getsockname() == ("127.0.0.1", port)
+            assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            listener.setblocking(False)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        accepted = []
+        for listener in listeners:
+            connections = []
+            while True:
+                try:
+                    connections.append(listener.accept()[0])
+                except BlockingIOError:
+                    break
+            assert all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in connections)
+            accepted.append(len(connections))
+            clients += connections  # closed below
+        assert sum(accepted) == 8
+        if spread == "in turn":
+            assert accepted == [4, 4]
+        else:
+            assert spread.startswith("by the kernel's hash ("), spread
+    finally:
+        for s in (*listeners, *clients):
+            s.close()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_run_smoke(models_dir: Path, tmp_path: Path) -> None:
