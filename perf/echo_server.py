@@ -3,7 +3,8 @@
 It is the baseline of ``perf/bench_serving.py``: the same worker count, spawn-started
 worker processes sharing one port with SO_REUSEPORT, the same thread-pool size, the
 same channel options, grpc experiments, per-core pinning and frozen startup heap as
-``riskwire serve``, and the same polling-thread dispatch of small unary calls — but every
+``riskwire serve``, and the same polling-thread dispatch of small unary calls and lighter
+per-call scopes (``server/grpc/call_scopes.py``) — but every
 handler returns pre-serialised bytes without parsing the request. What riskwire loses
 against it is the cost of our own Python work (decode, validate, features, predict,
 encode).

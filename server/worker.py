@@ -305,9 +305,11 @@ def balance_connections(port: int, workers: int) -> None:
 
 
 def polling_thread_dispatch(settings: Settings) -> None:
-    """Small unary calls on grpc's polling thread, unless a handler may block (Redis)."""
-    from .grpc import dispatch
+    """Small unary calls on grpc's polling thread, unless a handler may block (Redis);
+    grpc's per-call context managers replaced by lighter ones (``grpc/call_scopes.py``)."""
+    from .grpc import call_scopes, dispatch
 
+    call_scopes.install()
     limit = settings.inline_max_request_bytes
     if settings.state_backend == "redis":
         limit = 0  # a card-state round trip per call must not hold up the polling thread
