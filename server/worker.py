@@ -350,7 +350,8 @@ def _open_card_state(settings, state_name: str):  # noqa: ANN001, ANN202
 
 def _observer(mirror, predictions, policy, shed, state, review):  # noqa: ANN001, ANN202
     """Series sampled when this worker publishes its metrics: queue depths, validation,
-    calls refused by admission control, the Redis card state's round trips."""
+    helper-process restarts, calls refused by admission control, the Redis card state's
+    round trips."""
     from .monitoring.metrics import counter, gauge
 
     def observe() -> list[dict]:
@@ -380,6 +381,15 @@ def _observer(mirror, predictions, policy, shed, state, review):  # noqa: ANN001
                 )  # fmt: skip
                 for outcome, value in policy.counts.items()
             )
+        restarts = {"shadow_scorer": getattr(mirror.recorder, "restarts", None)}
+        if predictions is not None:
+            restarts["prediction_log_writer"] = predictions.writer_restarts
+        out.extend(
+            counter("riskwire.helper.restarts", value, {"process": name}, unit="{process}",
+                    description="Restarts of a worker's helper processes after they died")
+            for name, value in restarts.items()
+            if value is not None
+        )  # fmt: skip
         admission = shed.get("admission")
         if admission is not None:
             out.append(

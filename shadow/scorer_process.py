@@ -88,6 +88,7 @@ class ScorerProcess:
         self._process: subprocess.Popen | None = None
         self._started_at = 0.0
         self._spawned = False
+        self.restarts = 0  # dead processes replaced (published as a metric)
         # Until the shadow is first turned on no process runs: this worker's stats (its
         # configuration generation, inactive) are published from here.
         self._idle = PairRecorder(worker, settings)
@@ -136,6 +137,7 @@ class ScorerProcess:
         if time.monotonic() - self._started_at < RESTART_INTERVAL_S:
             return False
         self._reap()
+        self.restarts += 1
         try:
             self._spawn()
         except OSError as exc:

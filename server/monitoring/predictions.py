@@ -172,6 +172,11 @@ class PredictionLog:
         return len(self._pending)
 
     @property
+    def writer_restarts(self) -> int:
+        """Writer processes that died and were replaced (0 when written in-process)."""
+        return self._process.restarts if self._process is not None else 0
+
+    @property
     def writer_pid(self) -> int | None:
         """The writer process's pid (None when segments are written in this process)."""
         return self._writer.process_pid if isinstance(self._writer, SegmentProcess) else None

@@ -200,4 +200,7 @@ def test_the_endpoint_merges_both_workers(start_server, models_dir) -> None:
     assert samples["riskwire_admission_refused_total"][0].value == 0  # nothing shed here
     restarts = samples["riskwire_worker_restarts_total"]
     assert len(restarts) == 2 and all(s.value == 0 for s in restarts)
+    helpers = samples["riskwire_helper_restarts_total"]
+    assert {s.labels["process"] for s in helpers} >= {"prediction_log_writer"}
+    assert all(s.value == 0 for s in helpers)
     assert card not in json.dumps([[s.labels for s in v] for v in samples.values()])

@@ -135,12 +135,13 @@ def test_writer_process_restarts_after_it_dies(tmp_path: Path) -> None:
     log.start()
     try:
         first = log.writer_pid
-        assert first is not None and first != os.getpid()
+        assert first is not None and first != os.getpid() and log.writer_restarts == 0
         for i in range(100):
             _single(log, i)
         log.flush()  # rows 0-99 on disk
         os.kill(first, signal.SIGKILL)
         _wait_for(lambda: log.writer_pid != first)  # restarted by the background thread
+        assert log.writer_restarts == 1
         for i in range(100, 200):
             _single(log, i)
     finally:

@@ -107,7 +107,7 @@ def test_a_killed_process_is_restarted_and_loses_no_row_of_the_ring(
     recorder = ScorerProcess(0, settings, idle_priority=False)
     mirror = make_mirror(settings, package_target, recorder)
     first = recorder.process_pid
-    assert first is not None
+    assert first is not None and recorder.restarts == 0
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while recorder._process.poll() is None and time.monotonic() < deadline:  # noqa: SLF001
@@ -117,6 +117,7 @@ def test_a_killed_process_is_restarted_and_loses_no_row_of_the_ring(
     mirror.start()
     mirror.stop(timeout_s=30)
     assert recorder.process_pid not in (None, first)
+    assert recorder.restarts == 1
     stats = json.loads(settings.stats_path.read_text())
     (pair,) = stats["pairs"]
     # The new process took over the ring where the dead one stopped.
