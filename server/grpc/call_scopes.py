@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from types import TracebackType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,7 @@ class PluginScope:
 
         return _observability._OBSERVABILITY_PLUGIN  # noqa: SLF001
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
+    def __exit__(self, *exc_info: object) -> bool:
         return False
 
 
@@ -71,12 +65,7 @@ class ServicerContextScope:
     def __enter__(self) -> Any:
         return self._context
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> bool:
         if exc_type is None:
             self._context._finalize_state()  # noqa: SLF001
         return False
