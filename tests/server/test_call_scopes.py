@@ -92,9 +92,10 @@ def test_abort_error_and_status_reach_the_client(channel: grpc.Channel) -> None:
 def test_latency_recorded_only_with_a_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert call_scopes.install()
     recorded = []
-    plugin = SimpleNamespace(
-        stats_enabled=True, record_rpc_latency=lambda *args: recorded.append(args)
-    )
+    plugin = SimpleNamespace(  # tracing off: a call elsewhere meanwhile records nothing
+        stats_enabled=True, tracing_enabled=False, observability_enabled=True,
+        record_rpc_latency=lambda *args: recorded.append(args),
+    )  # fmt: skip
     state = SimpleNamespace(
         method="/t.T/Echo", target="here", rpc_start_time=1.0, rpc_end_time=1.5, code="OK"
     )
