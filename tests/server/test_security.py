@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -290,8 +291,13 @@ def test_key_rotation_while_traffic_flows(start_server, models_dir, tmp_path) ->
             current["key"] = new
             revoke_key(path, old.split("_")[1])
             deadline = time.monotonic() + 15
-            while outcome(score, bearer(old)) != grpc.StatusCode.UNAUTHENTICATED:
-                assert time.monotonic() < deadline, "the revoked key still works"
+            seen: collections.Counter[str] = collections.Counter()
+            while (code := outcome(score, bearer(old))) != grpc.StatusCode.UNAUTHENTICATED:
+                seen[code.name] += 1
+                assert time.monotonic() < deadline, (
+                    f"the revoked key still works: answers {dict(seen)}, workers "
+                    f"{sorted(server.worker_pids())}; log:\n{server.log_tail()}"
+                )
                 time.sleep(0.1)
     finally:
         done.set()
