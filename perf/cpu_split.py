@@ -215,8 +215,12 @@ def measure(
     }
     if recorder is not None:
         worker_us = rows[ROWS[0]] + rows[ROWS[1]]
-        shares = perf_split(out / f"{server.name}.perf.data")
-        result["code"] = {name: round(share * worker_us, 1) for name, share in shares.items()}
+        shares = perf_split(out / f"{server.name}.perf.data") if not recorder.returncode else {}
+        if shares:
+            result["code"] = {name: round(share * worker_us, 1) for name, share in shares.items()}
+        else:  # e.g. kernel.perf_event_paranoid forbids it for this user
+            print(f"WARNING {server.name}: perf record gave no samples (exit "
+                  f"{recorder.returncode}); no split by code")  # fmt: skip
     problem = loadgen.check_call(server.target, MODEL_INFER, bodies)
     if problem:
         result["check"] = problem
