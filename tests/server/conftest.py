@@ -249,14 +249,9 @@ def serve_args(models: Path, port: int, *extra: str) -> list[str]:
 StartServer = Callable[..., ServerProcess]
 
 
-@pytest.fixture(scope="session")
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
-    """Factory: ``start_server(models, *extra_args, snapshot=, env=, wait=, workers=, profile=)``.
-
-    Adds ``--workers 2 --profile test`` unless ``extra_args`` name them or ``workers`` /
-    ``profile`` is None (the server's own default); waits until SERVING unless
-    ``wait=False``. Every server started is stopped at teardown.
-    """
+@contextlib.contextmanager
+def _server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """A :data:`StartServer` that stops every server it started when the block ends."""
     started: list[ServerProcess] = []
 
     def start(
@@ -284,15 +279,38 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
             server.wait_serving(workers=workers)
         return server
 
-    yield start
-    for server in started:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """Factory: ``start_server(models, *extra_args, snapshot=, env=, wait=, workers=, profile=)``.
+
+    Adds ``--workers 2 --profile test`` unless ``extra_args`` name them or ``workers`` /
+    ``profile`` is None (the server's own default); waits until SERVING unless
+    ``wait=False``. Every server started is stopped when the test ends, so the suite
+    never holds more than a few servers (and their memory) at once.
+    """
+    with _server_factory(tmp_path_factory) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """:func:`start_server` for module-scoped fixtures: stopped when the module ends."""
+    with _server_factory(tmp_path_factory) as start:
+        yield start
 
 
 @pytest.fixture(scope="session")
-def server(start_server: StartServer, models_dir: Path) -> ServerProcess:
+def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[ServerProcess]:
     """The shared 2-worker server on ``models_dir`` (use fresh card ids in every test)."""
-    return start_server(models_dir)
+    with _server_factory(tmp_path_factory) as start:
+        yield start(models_dir)
 
 
 @pytest.fixture(scope="session")

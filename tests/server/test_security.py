@@ -58,8 +58,8 @@ def keyed(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def auth_server(start_server, models_dir, keyed):
-    return start_server(
+def auth_server(module_start_server, models_dir, keyed):
+    return module_start_server(
         models_dir,
         env={
             "RISKWIRE_AUTH": "true",

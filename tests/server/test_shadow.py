@@ -107,9 +107,9 @@ def records_with_ids(models: Path, ids: set[str]):  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def shadow_server(start_server, two_versions):  # noqa: ANN001, ANN201
+def shadow_server(module_start_server, two_versions):  # noqa: ANN001, ANN201
     """2 workers serving fraud v2, mirroring 100% to v1."""
-    return start_server(two_versions, env={"RISKWIRE_SHADOW_MODEL": "fraud:1"})
+    return module_start_server(two_versions, env={"RISKWIRE_SHADOW_MODEL": "fraud:1"})
 
 
 def test_every_request_is_mirrored_exactly_once_and_scored_exactly(
