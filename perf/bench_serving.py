@@ -229,9 +229,9 @@ def h2load_point(h2load: str, server: loadgen.ServerProcess, path: str, bodies: 
     )
     if summary.errors:
         point.notes = f"{summary.errors} requests without HTTP 200 ({bad} in the log)"
-    if summary.data_bytes < 0.9 * ok_size * summary.total:
-        failed = summary.total - summary.data_bytes / ok_size
-        _fail(point, f"~{failed:.0f} of {summary.total} calls got a gRPC error", round(failed))
+    failed = loadgen.failed_grpc_calls(summary, ok_size)
+    if failed:
+        _fail(point, f"~{failed} of {summary.total} calls got a gRPC error", failed)
     return point
 
 

@@ -188,6 +188,7 @@ def measure(
         h2load, url, out / "model_infer.body", args.concurrency, total_s, 0.0,
         out / f"{server.name}.h2load.log", per_client,
     )  # fmt: skip
+    ok_size = len(loadgen.unary_raw(server.target, MODEL_INFER, bodies.messages[MODEL_INFER])) + 5
     load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(args.warmup)
     before, started = group_threads(group), time.monotonic()
@@ -210,6 +211,7 @@ def measure(
     result: dict[str, Any] = {
         "rps": round(summary.rps, 1),
         "h2load_errors": summary.errors,
+        "grpc_errors": loadgen.failed_grpc_calls(summary, ok_size),
         "cpu_us_per_request": round(sum(rows.values()), 1),
         "rows": {name: round(value, 1) for name, value in rows.items()},
     }
@@ -273,8 +275,9 @@ def print_report(summary: dict[str, Any]) -> None:
     print(f"riskwire / echo CPU per request: {summary['cpu_ratio']}")
     for name in SERVERS:
         result = summary["servers"][name]
-        if result["h2load_errors"] or "check" in result:
-            print(f"WARNING {name}: {result['h2load_errors']} h2load errors; "
+        if result["h2load_errors"] or result["grpc_errors"] or "check" in result:
+            print(f"WARNING {name}: {result['h2load_errors']} calls without HTTP 200, "
+                  f"~{result['grpc_errors']} with a gRPC error; "
                   f"{result.get('check') or 'check call OK'}")  # fmt: skip
 
 
@@ -288,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     print_report(summary)
     if args.json:
         print(json.dumps(summary))
-    failed = any(r["h2load_errors"] or "check" in r for r in summary["servers"].values())
+    failed = any(
+        r["h2load_errors"] or r["grpc_errors"] or "check" in r for r in summary["servers"].values()
+    )
     return 1 if failed else 0
 
 

@@ -251,6 +251,18 @@ def parse_h2load_output(text: str) -> H2loadSummary:
     return H2loadSummary(float(finished.group(1)), *counts, other, int(data.group(1)))
 
 
+def failed_grpc_calls(summary: H2loadSummary, ok_size: int) -> int:
+    """About how many calls h2load counted as successes got a gRPC error.
+
+    A gRPC error is an HTTP 200 without DATA, so it shows only in the DATA bytes
+    received: under 90% of ``total x ok_size`` (the framed size of a successful
+    response), the shortfall in responses is the count; otherwise 0.
+    """
+    if summary.data_bytes >= 0.9 * ok_size * summary.total:
+        return 0
+    return round(summary.total - summary.data_bytes / ok_size)
+
+
 def parse_h2load_log(text: str) -> tuple[list[float], int]:
     """(latencies in ms, non-200 count) from an h2load ``--log-file``.
 

@@ -74,6 +74,13 @@ def test_parse_h2load_output() -> None:
     assert summary.data_bytes == 3821709
 
 
+@pytest.mark.parametrize(("answered", "failed"), [(100, 0), (95, 0), (60, 40), (0, 100)])
+def test_failed_grpc_calls_from_the_data_bytes(answered: int, failed: int) -> None:
+    # A gRPC error is an HTTP 200 without DATA; within 10% of the expected bytes is noise.
+    summary = loadgen.H2loadSummary(100.0, 100, 100, 0, 0, 0, 0, answered * 57)
+    assert loadgen.failed_grpc_calls(summary, 57) == failed
+
+
 def test_parse_h2load_output_without_summary() -> None:
     with pytest.raises(ValueError, match="no summary"):
         loadgen.parse_h2load_output("-D: value error 1.5\n")

@@ -103,7 +103,8 @@ def test_cpu_split_short_run(models_dir: Path, tmp_path: Path) -> None:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(summary["servers"]) == {"echo", "riskwire"}, output
     for name, result in summary["servers"].items():
-        assert result["h2load_errors"] == 0 and "check" not in result, (name, result)
+        assert result["h2load_errors"] == result["grpc_errors"] == 0, (name, result)
+        assert "check" not in result, (name, result)
         assert result["rps"] > 300, (name, result)  # the fixed rate was served
         assert set(result["rows"]) == set(cpu_split.ROWS), (name, result)
         assert result["rows"]["worker serving threads"] > 0, (name, result)
